@@ -1,0 +1,1 @@
+"""Dataset conversion: public downloads to MONAI datalists (one module per dataset)."""

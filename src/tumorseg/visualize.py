@@ -1,0 +1,39 @@
+"""Pictures of segmentations: ground truth and prediction outlined over the image."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+from skimage.segmentation import find_boundaries
+
+GROUND_TRUTH_RGB = (0, 220, 0)
+PREDICTION_RGB = (255, 40, 40)
+CAPTION_HEIGHT = 16
+
+
+def overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | None) -> np.ndarray:
+    """RGB uint8 picture of a 2D image with the label (green) and prediction (red) outlines."""
+    img = np.asarray(image, dtype=np.float32)
+    lo, hi = float(img.min()), float(img.max())
+    grey = ((img - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(img)).astype(np.uint8)
+    rgb = np.stack([grey] * 3, axis=-1)
+    for mask, colour in ((label, GROUND_TRUTH_RGB), (pred, PREDICTION_RGB)):
+        if mask is not None and np.any(mask):
+            rgb[find_boundaries(np.asarray(mask, dtype=bool), mode="inner")] = colour
+    return rgb
+
+
+def panel(cases: list[tuple], columns: int = 3) -> Image.Image:
+    """A grid of ``(image, label, pred, caption)`` cases (2D arrays, spatial axes as stored by
+    MONAI's ``PILReader``: first axis = width), each with its caption underneath."""
+    tiles = [overlay(np.asarray(img).T, np.asarray(lab).T, np.asarray(prd).T) for img, lab, prd, _ in cases]
+    h, w = tiles[0].shape[:2]
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    canvas = Image.new("RGB", (columns * w, rows * (h + CAPTION_HEIGHT)), "black")
+    draw = ImageDraw.Draw(canvas)
+    for i, (tile, case) in enumerate(zip(tiles, cases)):
+        x, y = (i % columns) * w, (i // columns) * (h + CAPTION_HEIGHT)
+        canvas.paste(Image.fromarray(tile), (x, y))
+        draw.text((x + 3, y + h + 2), case[3], fill="white")
+    return canvas
