@@ -39,7 +39,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 mlflow-ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(TRACKING_DIR))/mlruns.db --host 127.0.0.1 --port 5000 --workers 1
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(TRACKING_DIR))/mlruns.db --host 127.0.0.1 --port 5000 --workers 1
 
 clean:
 	rm -rf runs $(TRACKING_DIR)

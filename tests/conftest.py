@@ -31,3 +31,51 @@ def converted_sample(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("converted") / "sample"
     convert(SAMPLE, out, progress=False, log=lambda line: None)
     return out
+
+
+TRAIN = str(CONFIGS / "train.yaml")
+QUICK = ["--image_size", "64", "--channels", "[8, 16, 32]", "--strides", "[2, 2]", "--num_res_units", "1",
+         "--batch_size", "8", "--num_workers", "0"]
+
+
+def configs(*names: str) -> str:
+    return str([TRAIN, *(str(CONFIGS / n) for n in names)])
+
+
+def check(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained(converted_sample, tmp_path_factory):
+    """Two epochs on the sample, tracked in a fresh MLflow store."""
+    out = tmp_path_factory.mktemp("train")
+    check(run_cli(
+        "-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--dataset_dir", str(converted_sample),
+        "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), "--max_epochs", "2", *QUICK,
+        "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(out / "mlflow"),
+    ))
+    return out
+
+
+def mlflow_run(tracking_dir: Path, workflow: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tracking_dir}/mlruns.db")
+    experiment = client.get_experiment_by_name("brain_tumor_mri_seg")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.workflow = '{workflow}'")
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+@pytest.fixture(scope="session")
+def evaluated(trained, converted_sample, tmp_path_factory):
+    """The trained model evaluated on the sample's validation list, tracked in the same store."""
+    out = tmp_path_factory.mktemp("evaluate")
+    check(run_cli(
+        "-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"), "--dataset_dir", str(converted_sample),
+        "--ckpt_dir", str(trained / "models"), "--output_dir", str(out), "--eval_list", "validation", *QUICK,
+        "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(trained / "mlflow"),
+    ))
+    return out

@@ -10,45 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CONFIGS, REPO, run_cli
+from conftest import QUICK, REPO, TRAIN, check, configs, mlflow_run, run_cli
 
 pytestmark = pytest.mark.slow
-
-TRAIN = str(CONFIGS / "train.yaml")
-QUICK = ["--image_size", "64", "--channels", "[8, 16, 32]", "--strides", "[2, 2]", "--num_res_units", "1",
-         "--batch_size", "8", "--num_workers", "0"]
-
-
-def configs(*names: str) -> str:
-    return str([TRAIN, *(str(CONFIGS / n) for n in names)])
-
-
-def check(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-@pytest.fixture(scope="module")
-def trained(converted_sample, tmp_path_factory):
-    """Two epochs on the sample, tracked in a fresh MLflow store."""
-    out = tmp_path_factory.mktemp("train")
-    check(run_cli(
-        "-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--dataset_dir", str(converted_sample),
-        "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), "--max_epochs", "2", *QUICK,
-        "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(out / "mlflow"),
-    ))
-    return out
-
-
-def mlflow_run(tracking_dir: Path, workflow: str):
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{tracking_dir}/mlruns.db")
-    experiment = client.get_experiment_by_name("brain_tumor_mri_seg")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.workflow = '{workflow}'")
-    assert len(runs) == 1
-    return client, runs[0]
-
 
 def test_training_is_tracked_in_mlflow(trained, converted_sample):
     client, run = mlflow_run(trained / "mlflow", "train")
@@ -85,18 +49,21 @@ def test_best_and_last_checkpoints(trained):
     assert state["trainer"]["iteration"] == 2 * 3 and state["lr_scheduler"]["last_epoch"] == 2  # 2 epochs of 3
 
 
-def test_resume_with_the_run_id_that_monai_label_calls(trained, converted_sample):
+def test_resume_with_the_run_id_that_monai_label_calls(trained, converted_sample, tmp_path):
+    import shutil
+
+    from tumorseg.files import newest
+
+    shutil.copytree(trained / "models", tmp_path / "models")  # leave the shared run as it is
     result = check(run_cli(
         "-m", "monai.bundle", "run", "--config_file", TRAIN, "--dataset_dir", str(converted_sample),
-        "--ckpt_dir", str(trained / "models"), "--output_dir", str(trained / "eval"), "--max_epochs", "3",
+        "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--max_epochs", "3",
         "--resume", "true", *QUICK,
     ))
     log = result.stdout + result.stderr
     assert "Restored all variables from" in log
     assert "Epoch[3] Complete" in log and "Epoch[1] Complete" not in log  # only the missing epoch ran
-    from tumorseg.files import newest
-
-    assert torch.load(newest(trained / "models" / "last", "*.pt"), weights_only=True)["trainer"]["iteration"] == 3 * 3
+    assert torch.load(newest(tmp_path / "models" / "last", "*.pt"), weights_only=True)["trainer"]["iteration"] == 3 * 3
 
 
 def write_png(path: Path, mask: np.ndarray) -> str:
@@ -143,20 +110,12 @@ def test_evaluate_on_cases_with_known_answers(tmp_path):
     assert set(summary["poster"]) == {"global_accuracy", "mean_accuracy", "mean_iou", "weighted_iou", "mean_fscore"}
 
 
-def test_evaluate_and_inference_on_the_trained_model(trained, converted_sample, tmp_path):
-    check(run_cli(
-        "-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"), "--dataset_dir", str(converted_sample),
-        "--ckpt_dir", str(trained / "models"), "--output_dir", str(tmp_path), "--eval_list", "validation", *QUICK,
-        "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(trained / "mlflow"),
-    ))
-    summary = json.loads((tmp_path / "evaluate_validation" / "summary.json").read_text())
+def test_evaluate_and_inference_on_the_trained_model(trained, evaluated, tmp_path):
+    summary = json.loads((evaluated / "evaluate_validation" / "summary.json").read_text())
     assert summary["images"] == 8
     client, run = mlflow_run(trained / "mlflow", "evaluate")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["eval_dice"] == pytest.approx(summary["per_image"]["dice"]["mean"])
-    assert run.data.params["eval_list"] == "validation"
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} == {
-        "evaluation/per_image.csv", "evaluation/summary.json"}
 
     images = REPO / "data" / "brain-tumor-coco-sample" / "test"
     check(run_cli(
@@ -170,3 +129,19 @@ def test_evaluate_and_inference_on_the_trained_model(trained, converted_sample, 
         m = Image.open(mask)
         assert m.size == Image.open(source).size and m.mode == "L"
         assert set(np.unique(np.array(m))) <= {0, 1}
+
+
+def test_two_process_training_with_torchrun_on_cpu(converted_sample, tmp_path):
+    """multi_gpu_train.yaml with 2 gloo processes: trains, only rank 0 writes the checkpoints."""
+    result = check(run_cli(
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training", "--config_file", configs("multi_gpu_train.yaml"),
+        "--dataset_dir", str(converted_sample), "--ckpt_dir", str(tmp_path / "models"),
+        "--output_dir", str(tmp_path / "eval"), "--max_epochs", "1", *QUICK,
+        env={"OMP_NUM_THREADS": "1"},
+    ))
+    log = result.stdout + result.stderr
+    assert log.count("Epoch[1] Complete") >= 2  # both ranks trained
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert len(list((tmp_path / "models" / "last").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "eval" / "panels").glob("*.png"))) == 1

@@ -1,6 +1,6 @@
 """Ignite handlers the bundle attaches to MONAI's evaluator.
 
-Both write files under an output folder and register them in ``engine.state.tracked_files``,
+They write files under an output folder and register them in ``engine.state.tracked_files``,
 which :class:`tumorseg.tracking.MLflowTracker` uploads to the run at the end of the epoch.
 Without tracking the files are simply kept on disk.
 """
@@ -8,6 +8,7 @@ Without tracking the files are simply kept on disk.
 from __future__ import annotations
 
 import csv
+import heapq
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from ignite.engine import Engine, Events
 
 from tumorseg import metrics
 from tumorseg.files import write_atomic
+from tumorseg.report import html_report
 from tumorseg.visualize import panel
 
 __all__ = ["ValidationPanels", "SegmentationReport", "register_file"]
@@ -37,12 +39,6 @@ def _is_rank0() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
 
 
-def _items(engine: Engine) -> list[dict]:
-    """The decollated per-image dicts of the last iteration (MONAI's engine output)."""
-    out = engine.state.output
-    return out if isinstance(out, list) else [out]
-
-
 def _as_mask(x) -> np.ndarray:
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     return arr[0] > 0.5 if arr.ndim == 3 else arr > 0.5  # (1, H, W) channel-first
@@ -54,26 +50,19 @@ def _name(item: dict, index: int) -> str:
     return os.path.basename(str(src)) if src else f"case_{index:05d}"
 
 
-class ValidationPanels:
-    """After each validation epoch, draw a few cases (image, ground truth in green, prediction in
-    red, the case's Dice in the caption) into ``<output_dir>/panels/epoch_<N>.png``.
+class _CaseCollector:
+    """Per-image metrics of every case of an epoch, and the pictures of the worst and best ones."""
 
-    The cases are the first ``num_images`` of the validation loader, so the same images are
-    shown at every epoch and progress can be followed.
-
-    Args:
-        output_dir: folder for the panels.
-        num_images: how many cases per panel.
-        image_key, label_key, pred_key: keys of the evaluator's output dicts.
-    """
-
-    def __init__(self, output_dir: str, num_images: int = 6, image_key="image", label_key="label", pred_key="pred"):
-        if num_images < 1:
-            raise ValueError(f"num_images must be >= 1, got {num_images}.")
+    def __init__(self, output_dir: str, num_images: int, image_key: str, label_key: str, pred_key: str):
+        if num_images < 0:
+            raise ValueError(f"num_images must be >= 0, got {num_images}.")
         self.output_dir = Path(output_dir)
-        self.num_images = num_images
+        self.num_worst = (num_images + 1) // 2
+        self.num_best = num_images // 2
         self.keys = (image_key, label_key, pred_key)
-        self._cases: list = []
+        self.rows: list[dict] = []
+        self._worst: list = []  # max-heap on Dice via negation, keeps the lowest
+        self._best: list = []  # min-heap, keeps the highest
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -81,76 +70,121 @@ class ValidationPanels:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
-        self._cases = []
+        self.rows, self._worst, self._best = [], [], []
+
+    def case_metrics(self, pred: np.ndarray, label: np.ndarray) -> dict:
+        counts = metrics.confusion(pred, label)
+        return {**counts, **metrics.from_counts(counts["tp"], counts["fp"], counts["fn"])}
 
     def _collect(self, engine: Engine) -> None:
         image_key, label_key, pred_key = self.keys
-        for item in _items(engine):
-            if len(self._cases) >= self.num_images:
-                return
-            image = item[image_key].detach().cpu().numpy()[0]
-            label, pred = _as_mask(item[label_key]), _as_mask(item[pred_key])
-            dice = metrics.from_counts(**{k: v for k, v in metrics.confusion(pred, label).items() if k != "tn"})["dice"]
-            self._cases.append((image, label, pred, f"{_name(item, len(self._cases))[:18]}  Dice {dice:.2f}"))
+        out = engine.state.output
+        for item in out if isinstance(out, list) else [out]:
+            pred, label = _as_mask(item[pred_key]), _as_mask(item[label_key])
+            row = {"image": _name(item, len(self.rows)), **self.case_metrics(pred, label)}
+            self.rows.append(row)
+            # keep pictures only of cases that may end up in the panel
+            case = lambda: (item[image_key].detach().cpu().numpy()[0], label, pred, row)  # noqa: E731
+            key = (row["dice"], len(self.rows))
+            for heap, size, sign in ((self._worst, self.num_worst, -1), (self._best, self.num_best, 1)):
+                entry = (sign * key[0], sign * key[1])
+                if len(heap) < size:
+                    heapq.heappush(heap, (entry, case()))
+                elif size and entry > heap[0][0]:
+                    heapq.heapreplace(heap, (entry, case()))
+
+    def panel_png(self) -> bytes | None:
+        worst = [c for _, c in sorted(self._worst, reverse=True)]  # lowest Dice first
+        best = [c for _, c in sorted(self._best, reverse=True)]  # highest Dice first
+        chosen = worst + [c for c in best if all(c[3] is not w[3] for w in worst)]
+        if not chosen:
+            return None
+        cases = [(img, lab, prd, f"{Path(row['image']).stem[:14]}  Dice {row['dice']:.2f}") for img, lab, prd, row in chosen]
+        buf = io.BytesIO()
+        panel(cases).save(buf, format="PNG")
+        return buf.getvalue()
 
     def _write(self, engine: Engine) -> None:
-        if not self._cases or not _is_rank0():
+        raise NotImplementedError
+
+
+class ValidationPanels(_CaseCollector):
+    """After each validation: ``panels/epoch_<N>.png`` with the worst and the best cases of the
+    epoch (image, ground truth in green, prediction in red, the case's Dice in the caption), and
+    ``report/validation.html`` (the epoch's metrics, the per-image Dice histogram, the worst
+    cases). In multi-process runs they show rank 0's share of the validation set.
+
+    Args:
+        output_dir: folder for the panels and the report.
+        num_images: cases per panel, half worst (rounded up) and half best.
+        image_key, label_key, pred_key: keys of the evaluator's output dicts.
+    """
+
+    def __init__(self, output_dir: str, num_images: int = 6, image_key="image", label_key="label", pred_key="pred"):
+        super().__init__(output_dir, num_images, image_key, label_key, pred_key)
+
+    def _write(self, engine: Engine) -> None:
+        if not self.rows or not _is_rank0():
             return
-        buf = io.BytesIO()
-        panel(self._cases).save(buf, format="PNG")
-        path = self.output_dir / "panels" / f"epoch_{engine.state.epoch:03d}.png"
-        write_atomic(path, buf.getvalue())
-        register_file(engine, path, "panels")
+        png = self.panel_png()
+        if png is not None:
+            path = self.output_dir / "panels" / f"epoch_{engine.state.epoch:03d}.png"
+            write_atomic(path, png)
+            register_file(engine, path, "panels")
+        figures = {k: float(v) for k, v in engine.state.metrics.items() if np.isscalar(v)}
+        page = html_report(f"Validation after epoch {engine.state.epoch}", figures, self.rows, png)
+        path = self.output_dir / "report" / "validation.html"
+        write_atomic(path, page.encode())
+        register_file(engine, path, "report")
 
 
-class SegmentationReport:
-    """Per-image tumour metrics of an evaluation run, written as ``per_image.csv`` and a
+class SegmentationReport(_CaseCollector):
+    """Per-image tumour metrics of an evaluation, written as ``per_image.csv``, a
     ``summary.json`` (mean, median and pooled Dice, IoU, precision, recall, HD95 in pixels, and
-    the poster's two-class metric set), and put into ``engine.state.metrics`` so trackers log them.
+    the poster's two-class metric set), a ``report.html`` and a ``cases.png`` of the worst and
+    best cases, and put into ``engine.state.metrics`` so trackers log them.
 
     See :mod:`tumorseg.metrics` for how empty masks count.
 
     Args:
-        output_dir: folder for the two files.
+        output_dir: folder for the files.
         prefix: prefix of the names put into ``engine.state.metrics``.
-        label_key, pred_key: keys of the evaluator's output dicts (binary masks, channel first).
+        num_images: cases in ``cases.png``, half worst and half best.
+        image_key, label_key, pred_key: keys of the evaluator's output dicts (binary masks, channel first).
     """
 
-    def __init__(self, output_dir: str, prefix: str = "eval_", label_key: str = "label", pred_key: str = "pred"):
-        self.output_dir = Path(output_dir)
+    def __init__(
+        self, output_dir: str, prefix: str = "eval_", num_images: int = 6, image_key="image", label_key="label", pred_key="pred"
+    ):
+        super().__init__(output_dir, num_images, image_key, label_key, pred_key)
         self.prefix = prefix
-        self.label_key, self.pred_key = label_key, pred_key
-        self.rows: list[dict] = []
         self.summary: dict | None = None
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
-    def _collect(self, engine: Engine) -> None:
-        for item in _items(engine):
-            row = {"image": _name(item, len(self.rows))}
-            row.update(metrics.image_metrics(_as_mask(item[self.pred_key]), _as_mask(item[self.label_key])))
-            self.rows.append(row)
+    def case_metrics(self, pred: np.ndarray, label: np.ndarray) -> dict:
+        return metrics.image_metrics(pred, label)
 
     def _write(self, engine: Engine) -> None:
         if not self.rows:
             return
         self.summary = metrics.summarize(self.rows)
-        for key, stats in self.summary["per_image"].items():
-            engine.state.metrics[f"{self.prefix}{key}"] = stats["mean"]
+        figures = {f"{self.prefix}{key}": stats["mean"] for key, stats in self.summary["per_image"].items()}
         for group in ("global", "poster"):
-            for key, value in self.summary[group].items():
-                engine.state.metrics[f"{self.prefix}{group}_{key}"] = value
+            figures.update({f"{self.prefix}{group}_{key}": value for key, value in self.summary[group].items()})
+        engine.state.metrics.update(figures)
         if not _is_rank0():
             return
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(self.rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
-        csv_path, json_path = self.output_dir / "per_image.csv", self.output_dir / "summary.json"
-        write_atomic(csv_path, text.getvalue().encode())
-        write_atomic(json_path, (json.dumps(self.summary, indent=1) + "\n").encode())
-        register_file(engine, csv_path, "evaluation")
-        register_file(engine, json_path, "evaluation")
+        png = self.panel_png()
+        files = {
+            "per_image.csv": text.getvalue().encode(),
+            "summary.json": (json.dumps(self.summary, indent=1) + "\n").encode(),
+            "report.html": html_report(f"Evaluation of {self.summary['images']} images", figures, self.rows, png).encode(),
+        }
+        if png is not None:
+            files["cases.png"] = png
+        for name, data in files.items():
+            write_atomic(self.output_dir / name, data)
+            register_file(engine, self.output_dir / name, "evaluation")

@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     for run in reversed(runs):
         figures = "  ".join(f"{k}={run.data.metrics[k]:.4f}" for k in KEY_METRICS if k in run.data.metrics)
         print(f"- {run.info.run_name} [{run.info.status.lower()}] run_id={run.info.run_id}")
+        if "val_mean_dice" in run.data.metrics:
+            history = client.get_metric_history(run.info.run_id, "val_mean_dice")
+            best = max(history, key=lambda m: m.value)
+            figures += f"  (best val_mean_dice={best.value:.4f} at epoch {best.step})"
         print(f"    {figures or 'no metrics yet'}")
         print(f"    artifacts: {run.info.artifact_uri}")
     ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"

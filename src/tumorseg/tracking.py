@@ -1,21 +1,27 @@
-"""Experiment tracking: MONAI's ``MLFlowHandler`` extended with the files our handlers write.
+"""Experiment tracking: MONAI's ``MLFlowHandler`` extended for reviewing runs in the MLflow UI.
 
 The bundle's MLflow settings (``configs/mlflow.json``, given to ``--tracking``) put an
-:class:`MLflowTracker` on the trainer, the validator and the evaluator instead of the plain
-handler; everything else about runs, metrics and the store is MONAI's.
+:class:`MLflowTracker` on the trainer and the validator instead of the plain handler; runs,
+metrics and the store stay MONAI's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import platform
 import re
+import subprocess
 import time
 from pathlib import Path
 
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
-__all__ = ["MLflowTracker", "file_digest", "run_name"]
+__all__ = ["MLflowTracker", "file_digest", "flatten_config", "run_name", "environment_params"]
+
+MAX_PARAM_VALUE = 500  # long expressions are cut: a parameter is for reading, the config file is an artifact
 
 
 def run_name(workflow: str) -> str:
@@ -23,41 +29,161 @@ def run_name(workflow: str) -> str:
     return f"{workflow}_{time.strftime('%Y%m%d_%H%M%S')}"
 
 
-def file_digest(path: str | Path, length: int = 16) -> str:
-    """Short SHA-256 of a file (the datalist, say), to tell runs on different data apart."""
+def file_digest(path: str | Path, length: int | None = 16) -> str:
+    """SHA-256 of a file (the datalist, a checkpoint), cut to ``length`` hex digits."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:length]
 
 
+def flatten_config(config: dict) -> dict[str, str]:
+    """The scalar settings of a bundle config as ``{"train.dataloader.batch_size": "16", ...}``.
+
+    A value that is a plain reference (``"@learning_rate"``) is replaced by what it refers to,
+    so each parameter reads as the value the run used; expressions stay as written.
+    """
+    flat: dict[str, object] = {}
+
+    def walk(node, key):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list) and not all(isinstance(v, (int, float, str, bool)) or v is None for v in node):
+            for i, v in enumerate(node):
+                walk(v, f"{key}.{i}")
+        else:
+            flat[key] = node
+
+    walk({k: v for k, v in config.items() if k not in ("imports", "_meta_")}, "")
+    by_id = {k.replace(".", "#"): v for k, v in flat.items()}
+    out = {}
+    for key, value in flat.items():
+        for _ in range(5):  # follow chains of references
+            if isinstance(value, str) and value.startswith("@") and value[1:] in by_id:
+                value = by_id[value[1:]]
+        text = json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
+        out[key] = text[:MAX_PARAM_VALUE]
+    return out
+
+
+def environment_params(device=None) -> dict[str, str]:
+    """Code and machine a run ran on: package versions, git commit, device, threads, world size."""
+    import ignite
+    import mlflow
+    import monai
+    import torch
+
+    import tumorseg
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    return {
+        "code.tumorseg_version": tumorseg.__version__,
+        "code.git_commit": commit or "unknown",
+        "code.monai_version": monai.__version__,
+        "code.torch_version": torch.__version__,
+        "code.ignite_version": ignite.__version__,
+        "code.mlflow_version": mlflow.__version__,
+        "machine.device": str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"),
+        "machine.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "machine.torch_threads": str(torch.get_num_threads()),
+        "machine.cpu_count": str(os.cpu_count()),
+        "machine.world_size": str(world),
+        "machine.platform": platform.platform(),
+    }
+
+
 def _joined(path: str) -> str:
+    # MONAI's patch_bundle_tracking builds save_execute_config by appending " + '/config_….json'"
+    # to the raw output_dir; when output_dir was overridden with a plain path (no "$") that stays
+    # a literal string. Join it so the executed config is still found.
     match = re.fullmatch(r"(.+) \+ '(/[^']+)'", path)
     return match.group(1) + match.group(2) if match and not Path(path).exists() else path
 
 
 class MLflowTracker(MLFlowHandler):
-    """``MLFlowHandler`` that also uploads the files other handlers register in
-    ``engine.state.tracked_files`` (validation panels, evaluation reports) at the end of each
-    epoch, and sets run tags.
+    """``MLFlowHandler`` that also records what a reviewer needs in the MLflow UI.
+
+    On top of MONAI's metrics, parameters and artifacts it:
+
+    - logs every scalar setting of the executed bundle config (``config_file``), the code and
+      machine (:func:`environment_params`) as parameters, and sets ``tags``;
+    - uploads, at the end of each epoch, the files other handlers register in
+      ``engine.state.tracked_files`` (validation panels, reports);
+    - at the end of training, logs the best checkpoint as an MLflow model (``mlflow.pytorch``,
+      with an input example and signature), registers it as ``registered_model_name``, and
+      tags the run with the checkpoint's SHA-256;
+    - for an evaluation of ``source_checkpoint``, links the run to the training run that made
+      that checkpoint (``mlflow.parentRunId``, so the UI nests it there, and ``trained_by_run``).
 
     Args:
-        tags: tags set on the run when it starts (bundle name, workflow, ...).
+        tags: tags set on the run when it starts.
+        config_file: the executed config (MONAI's ``save_execute_config``), flattened into params.
+        model: the network definition (an ``nn.Module``) to load ``checkpoint`` into and log.
+        checkpoint: the best-model state dict written during training.
+        registered_model_name: Model Registry name; None logs the model without registering it.
+        input_shape: shape of the model's input example, e.g. ``[1, 1, 256, 256]``.
+        source_checkpoint: for evaluation runs, the checkpoint being evaluated.
         kwargs: everything ``monai.handlers.MLFlowHandler`` takes.
     """
 
-    def __init__(self, tags: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        tags: dict | None = None,
+        config_file: str | None = None,
+        model=None,
+        checkpoint: str | None = None,
+        registered_model_name: str | None = None,
+        input_shape: list[int] | None = None,
+        source_checkpoint: str | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.tags = {k: str(v) for k, v in (tags or {}).items()}
-
-    def _parse_artifacts(self):
-        # MONAI's patch_bundle_tracking builds save_execute_config by appending " + '/config_….json'"
-        # to the raw output_dir; when output_dir was overridden with a plain path (no "$"), that
-        # stays a literal string. Join it here so the executed config is still uploaded.
+        self.config_file = _joined(config_file) if config_file else None
+        self.model, self.checkpoint = model, checkpoint
+        self.registered_model_name = registered_model_name
+        self.input_shape = list(input_shape) if input_shape else None
+        self.source_checkpoint = source_checkpoint
         self.artifacts = tuple(_joined(a) if isinstance(a, str) else a for a in self.artifacts)
-        return super()._parse_artifacts()
 
     def start(self, engine: Engine) -> None:
+        new_run = self.cur_run is None
         super().start(engine)
+        if not new_run:
+            return
+        run_id = self.cur_run.info.run_id
         for key, value in self.tags.items():
-            self.client.set_tag(self.cur_run.info.run_id, key, value)
+            self.client.set_tag(run_id, key, value)
+        params = environment_params()
+        if self.config_file and Path(self.config_file).is_file():
+            config = json.loads(Path(self.config_file).read_text())
+            params.update({f"config.{k}": v for k, v in flatten_config(config).items()})
+        self._log_params_batched(params)
+        if self.source_checkpoint and Path(self.source_checkpoint).is_file():
+            self._link_to_training_run(run_id, file_digest(self.source_checkpoint, None))
+
+    def _log_params_batched(self, params: dict) -> None:
+        logged = self.client.get_run(self.cur_run.info.run_id).data.params
+        todo = {k: v for k, v in params.items() if k not in logged}
+        items = list(todo.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self._log_params(dict(items[i : i + 100]))
+
+    def _link_to_training_run(self, run_id: str, digest: str) -> None:
+        self.client.set_tag(run_id, "checkpoint_sha256", digest)
+        found = self.client.search_runs(
+            [self.experiment.experiment_id],
+            filter_string=f"tags.checkpoint_sha256 = '{digest}' and tags.workflow = 'train'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if found:
+            self.client.set_tag(run_id, "mlflow.parentRunId", found[0].info.run_id)
+            self.client.set_tag(run_id, "trained_by_run", found[0].info.run_id)
 
     def epoch_completed(self, engine: Engine) -> None:
         super().epoch_completed(engine)
@@ -71,3 +197,37 @@ class MLflowTracker(MLFlowHandler):
             path, artifact_path = files.pop(0)
             if Path(path).is_file():
                 self.client.log_artifact(self.cur_run.info.run_id, path, artifact_path)
+
+    def complete(self) -> None:
+        super().complete()
+        if self.cur_run is not None and self.model is not None and self.checkpoint and Path(self.checkpoint).is_file():
+            self.log_model()
+
+    def log_model(self) -> None:
+        """Log the best checkpoint as an MLflow model and register it (a new version per run)."""
+        import copy
+
+        import mlflow
+        import monai
+        import numpy as np
+        import torch
+
+        run_id = self.cur_run.info.run_id
+        self.client.set_tag(run_id, "checkpoint_sha256", file_digest(self.checkpoint, None))
+        net = copy.deepcopy(self.model).cpu().eval()
+        net.load_state_dict(torch.load(self.checkpoint, map_location="cpu", weights_only=True))
+        example = np.zeros(self.input_shape or [1, 1, 64, 64], dtype=np.float32)
+        previous_uri = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.client.tracking_uri)
+        try:
+            with mlflow.start_run(run_id=run_id):
+                mlflow.pytorch.log_model(
+                    net,
+                    name="model",
+                    input_example=example,
+                    registered_model_name=self.registered_model_name,
+                    # stated, not inferred: inference imports the model and takes long
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"],
+                )
+        finally:
+            mlflow.set_tracking_uri(previous_uri)

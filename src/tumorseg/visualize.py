@@ -9,6 +9,7 @@ from skimage.segmentation import find_boundaries
 GROUND_TRUTH_RGB = (0, 220, 0)
 PREDICTION_RGB = (255, 40, 40)
 CAPTION_HEIGHT = 16
+MIN_TILE = 256  # smaller cases are enlarged (nearest neighbour) so outlines stay visible
 
 
 def overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | None) -> np.ndarray:
@@ -27,6 +28,8 @@ def panel(cases: list[tuple], columns: int = 3) -> Image.Image:
     """A grid of ``(image, label, pred, caption)`` cases (2D arrays, spatial axes as stored by
     MONAI's ``PILReader``: first axis = width), each with its caption underneath."""
     tiles = [overlay(np.asarray(img).T, np.asarray(lab).T, np.asarray(prd).T) for img, lab, prd, _ in cases]
+    factor = max(1, -(-MIN_TILE // max(tiles[0].shape[:2])))
+    tiles = [t.repeat(factor, axis=0).repeat(factor, axis=1) for t in tiles]
     h, w = tiles[0].shape[:2]
     columns = min(columns, len(tiles))
     rows = -(-len(tiles) // columns)
