@@ -18,7 +18,7 @@ def test_training_is_tracked_in_mlflow(trained, converted_sample):
     client, run = mlflow_run(trained / "mlflow", "train")
     assert run.info.status == "FINISHED"
     params = run.data.params
-    for key, value in {"loss_w_dice": "1.0", "loss_w_focal": "10.0", "learning_rate": "0.001", "max_epochs": "2",
+    for key, value in {"loss_w_dice": "1.0", "loss_w_focal": "1.0", "learning_rate": "0.001", "max_epochs": "2",
                        "batch_size": "8", "image_size": "64", "network_channels": "[8, 16, 32]", "dropout": "0.1",
                        "train_images": "24", "val_images": "8"}.items():
         assert params[key] == value, key
