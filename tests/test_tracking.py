@@ -70,3 +70,19 @@ def test_evaluate_run_is_linked_to_its_training_run(trained, evaluated):
     assert "eval_dice" in eval_run.data.metrics and "eval_poster_mean_iou" in eval_run.data.metrics
     arts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "evaluation")}
     assert {"evaluation/report.html", "evaluation/cases.png", "evaluation/summary.json", "evaluation/per_image.csv"} <= arts
+
+
+def test_inference_run_is_tracked_and_linked(trained, evaluated, tmp_path):
+    from conftest import QUICK, check, configs, run_cli
+
+    check(run_cli(
+        "-m", "monai.bundle", "run", "--config_file", configs("inference.yaml"),
+        "--input_dir", str(REPO / "data" / "brain-tumor-coco-sample" / "valid"), "--ckpt_dir", str(trained / "models"),
+        "--output_dir", str(tmp_path), *QUICK,
+        "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(trained / "mlflow"),
+    ))
+    _, train_run = mlflow_run(trained / "mlflow", "train")
+    _, run = mlflow_run(trained / "mlflow", "inference")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == train_run.info.run_id
+    assert run.data.params["config.input_dir"].endswith("valid")

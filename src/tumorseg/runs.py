@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    artifacts: {run.info.artifact_uri}")
     ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     print(f"Open the UI with `make mlflow-ui` (or `{ui}`), then http://127.0.0.1:5000")
+    trained = [r for r in runs if r.data.tags.get("workflow") == "train"][:2]
+    if len(trained) == 2:
+        ids = ",".join(f'"{r.info.run_id}"' for r in trained)
+        print(f"  compare the last two training runs: http://127.0.0.1:5000/#/compare-runs?runs=[{ids}]"
+              f'&experiments=["{experiment.experiment_id}"]')
     if runs:
         print(f"  last run page: http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}")
     return 0
