@@ -1,0 +1,165 @@
+"""tumorseg-predict on real files shipped inside packages: geometry, formats, broken inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+SMALL_NET = ["--set", "image_size=64", "--set", "channels=[8,16,32]", "--set", "strides=[2,2]", "--set", "num_res_units=1"]
+SAMPLE_JPG = sorted((REPO / "data" / "brain-tumor-coco-sample" / "test").glob("*.jpg"))[0]
+ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+EXAMPLE_4D = Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz"
+
+
+def predict(trained, *args, extra=()):
+    return run_cli("-m", "tumorseg.predict", *map(str, args), "--checkpoint", str(trained / "models" / "model.pt"),
+                   *SMALL_NET, "--no-progress", *extra)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def write_series(volume: np.ndarray, folder: Path, spacing=(0.9, 0.8, 2.5), origin=(10.0, -20.0, 30.0)) -> None:
+    """A DICOM MR series of an (x, y, z) volume, one file per slice, names shuffled against slice order."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir(parents=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    data = np.clip(volume / max(volume.max(), 1) * 4000, 0, 4000).astype(np.uint16)
+    order = np.random.default_rng(0).permutation(volume.shape[2])
+    for k in range(volume.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientName, ds.PatientID = "MR", "Test^Phantom", "TEST001"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "", ""
+        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber, ds.PatientBirthDate, ds.PatientSex = "1", 1, k + 1, "", "O"
+        ds.Manufacturer = "test"
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * spacing[2]]
+        ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[0]], spacing[2]
+        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = np.ascontiguousarray(data[:, :, k].T).tobytes()  # rows = y, columns = x
+        ds.save_as(folder / f"slice_{order[k]:03d}.dcm", enforce_file_format=True)
+
+
+def test_nifti_geometry_round_trips_exactly(trained, tmp_path):
+    ok(predict(trained, ANATOMICAL, "-o", tmp_path))
+    src, out = nib.load(ANATOMICAL), nib.load(tmp_path / "anatomical_seg.nii.gz")
+    assert out.shape == src.shape
+    assert np.array_equal(out.affine, src.affine)
+    assert nib.aff2axcodes(out.affine) == nib.aff2axcodes(src.affine)
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    summary = json.loads((tmp_path / "anatomical.json").read_text())
+    assert summary["shape"] == list(src.shape) and summary["spacing"] == [2.0, 2.0, 2.0]
+    assert summary["tumour_volume_mm3"] == pytest.approx(summary["tumour_pixels"] * 8.0)
+    assert Image.open(tmp_path / "anatomical_overlay.png").size[0] >= 64
+
+
+def test_mni152_template_volume(trained, tmp_path):
+    nilearn_datasets = pytest.importorskip("nilearn.datasets")
+    template = nilearn_datasets.load_mni152_template(resolution=1)
+    path = tmp_path / "mni152.nii.gz"
+    nib.save(template, path)
+    ok(predict(trained, path, "-o", tmp_path / "out", extra=["--tta"]))
+    out = nib.load(tmp_path / "out" / "mni152_seg.nii.gz")
+    assert out.shape == (197, 233, 189) and np.array_equal(out.affine, template.affine)
+    assert json.loads((tmp_path / "out" / "mni152.json").read_text())["tta"] is True
+
+
+def test_dicom_series_ordered_by_position_with_seg(trained, tmp_path):
+    volume = np.asarray(nib.load(ANATOMICAL).dataobj, dtype=np.float32)
+    write_series(volume, tmp_path / "series")
+    ok(predict(trained, tmp_path / "series", "-o", tmp_path / "out"))
+    out = nib.load(tmp_path / "out" / "series_seg.nii.gz")
+    assert out.shape == volume.shape
+    expected = np.diag([-0.9, -0.8, 2.5, 1.0])  # LPS -> RAS of the written geometry
+    expected[:3, 3] = [-10.0, 20.0, 30.0]
+    assert np.allclose(out.affine, expected)
+    seg = pydicom.dcmread(tmp_path / "out" / "series_seg.dcm")
+    source = pydicom.dcmread(next((tmp_path / "series").iterdir()))
+    assert seg.Modality == "SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert int(seg.NumberOfFrames) == volume.shape[2]
+    # the slice order came from positions: a series predicted from sorted names gives the same mask
+    sorted_dir = tmp_path / "sorted"
+    sorted_dir.mkdir()
+    for f in (tmp_path / "series").iterdir():
+        k = int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber)
+        shutil.copy(f, sorted_dir / f"{k:03d}.dcm")
+    ok(predict(trained, sorted_dir, "-o", tmp_path / "out2"))
+    assert np.array_equal(np.asarray(out.dataobj), np.asarray(nib.load(tmp_path / "out2" / "sorted_seg.nii.gz").dataobj))
+
+
+def test_one_slice_gives_the_same_mask_as_png_nifti_and_dicom(trained, tmp_path):
+    grey = np.asarray(Image.open(SAMPLE_JPG).convert("L"), dtype=np.float32)  # (rows=y, cols=x)
+    xy = grey.T
+    nib.save(nib.Nifti1Image(xy, np.eye(4)), tmp_path / "slice.nii")
+    write_series(xy[:, :, None], tmp_path / "dicom")
+    ok(predict(trained, SAMPLE_JPG, tmp_path / "slice.nii", tmp_path / "dicom", "-o", tmp_path / "out"))
+    from_png = np.asarray(Image.open(tmp_path / "out" / f"{SAMPLE_JPG.stem}_seg.png")).T
+    from_nifti = np.asarray(nib.load(tmp_path / "out" / "slice_seg.nii.gz").dataobj)
+    from_dicom = np.asarray(nib.load(tmp_path / "out" / "dicom_seg.nii.gz").dataobj)[:, :, 0]
+    assert from_png.shape == from_nifti.shape == from_dicom.shape == xy.shape
+    assert np.array_equal(from_png, from_nifti)
+    # DICOM stores 12-bit rescaled intensities: after min-max scaling they match to rounding
+    agreement = (from_png == from_dicom).mean()
+    assert agreement > 0.999
+
+
+def test_broken_inputs_get_one_line_each_and_the_rest_carries_on(trained, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = SAMPLE_JPG.read_bytes()
+    (bad / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (bad / "zero.png").write_bytes(b"")
+    (bad / "text.png").write_text("not an image")
+    Image.new("L", (64, 64), 7).save(bad / "flat.png")
+    shutil.copy(EXAMPLE_4D, bad / "four_d.nii.gz")
+    shutil.copy(pydicom.data.get_testdata_file("MR_truncated.dcm"), bad / "MR_truncated.dcm")
+    shutil.copy(SAMPLE_JPG, bad / "good.jpg")
+    result = predict(trained, bad, tmp_path / "missing.nii", "-o", tmp_path / "out")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    expected = {"truncated.jpg": "unreadable", "zero.png": "unreadable", "text.png": "unreadable",
+                "flat.png": "empty image", "four_d.nii.gz": "4D image", "MR_truncated.dcm": "unreadable DICOM",
+                "missing.nii": "no such file"}
+    assert len(errors) == len(expected)
+    for name, problem in expected.items():
+        assert any(name in e and problem in e for e in errors), (name, errors)
+    assert (tmp_path / "out" / "good_seg.png").is_file()  # the good case still got through
+    assert not any(p.name.startswith(("truncated", "zero", "text", "flat", "four_d", "MR_trunc")) for p in (tmp_path / "out").iterdir())
+    assert "1 of 8 cases predicted" in result.stdout
+
+
+def test_bundle_inference_config_uses_sliding_windows_on_any_aspect_ratio(trained, tmp_path):
+    from conftest import QUICK, check, configs
+
+    wide = tmp_path / "in"
+    wide.mkdir()
+    Image.open(SAMPLE_JPG).convert("L").resize((640, 400)).save(wide / "wide.png")
+    check(run_cli(
+        "-m", "monai.bundle", "run", "--config_file", configs("inference.yaml"), "--input_dir", str(wide),
+        "--ckpt_dir", str(trained / "models"), "--output_dir", str(tmp_path / "out"), *QUICK,
+    ))
+    assert Image.open(tmp_path / "out" / "wide_seg.png").size == (640, 400)
