@@ -119,7 +119,7 @@ def test_evaluate_and_inference_on_the_trained_model(trained, evaluated, tmp_pat
 
     images = REPO / "data" / "brain-tumor-coco-sample" / "test"
     check(run_cli(
-        "-m", "monai.bundle", "run", "--config_file", configs("inference.yaml"), "--input_dir", str(images),
+        "-m", "monai.bundle", "run", "inference", "--config_file", configs("inference.yaml"), "--dataset_dir", str(images),
         "--ckpt_dir", str(trained / "models"), "--output_dir", str(tmp_path / "masks"), *QUICK,
     ))
     masks = sorted((tmp_path / "masks").glob("*_seg.png"))

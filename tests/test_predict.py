@@ -64,7 +64,7 @@ def write_series(volume: np.ndarray, folder: Path, spacing=(0.9, 0.8, 2.5), orig
 
 
 def test_nifti_geometry_round_trips_exactly(trained, tmp_path):
-    ok(predict(trained, ANATOMICAL, "-o", tmp_path))
+    ok(predict(trained, ANATOMICAL, "-o", tmp_path, extra=["--keep-largest"]))
     src, out = nib.load(ANATOMICAL), nib.load(tmp_path / "anatomical_seg.nii.gz")
     assert out.shape == src.shape
     assert np.array_equal(out.affine, src.affine)
@@ -73,6 +73,7 @@ def test_nifti_geometry_round_trips_exactly(trained, tmp_path):
     summary = json.loads((tmp_path / "anatomical.json").read_text())
     assert summary["shape"] == list(src.shape) and summary["spacing"] == [2.0, 2.0, 2.0]
     assert summary["tumour_volume_mm3"] == pytest.approx(summary["tumour_pixels"] * 8.0)
+    assert summary["keep_largest"] is True
     assert Image.open(tmp_path / "anatomical_overlay.png").size[0] >= 64
 
 

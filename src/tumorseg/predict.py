@@ -169,7 +169,7 @@ class Predictor:
         parser.update({"bundle_root": str(bundle), **(overrides or {})})
         self.image_size = int(parser.get_parsed_content("image_size"))
         self.threshold = float(parser.get_parsed_content("threshold"))
-        self.inferer = parser.get_parsed_content("inference#inferer")
+        self.inferer = parser.get_parsed_content("infer#inferer")
         self.checkpoint = Path(checkpoint or parser.get_parsed_content("checkpoint"))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.network = parser.get_parsed_content("network_def").to(self.device).eval()
@@ -306,8 +306,10 @@ def _stem(path: Path) -> str:
     return name
 
 
-def predict_case(predictor: Predictor, path: Path, output: Path, axis: int = 2) -> dict:
-    """Predict one case and write its outputs; returns the JSON summary."""
+def predict_case(predictor: Predictor, path: Path, output: Path, axis: int = 2, keep_largest: bool = False) -> dict:
+    """Predict one case and write its outputs; returns the JSON summary.
+
+    ``keep_largest`` keeps only the largest connected tumour region (in 3D for volumes)."""
     import numpy as np
 
     from tumorseg.files import write_atomic
@@ -327,6 +329,11 @@ def predict_case(predictor: Predictor, path: Path, output: Path, axis: int = 2) 
     except InputError as e:
         raise InputError(f"{path}: {e}") from None
     mask = prob >= predictor.threshold
+    if keep_largest and mask.any():
+        import torch
+        from monai.transforms import KeepLargestConnectedComponent
+
+        mask = KeepLargestConnectedComponent(applied_labels=[1])(torch.as_tensor(mask[None].astype(np.uint8)))[0].numpy() > 0
     stem = _stem(path)
     written = {}
 
@@ -367,6 +374,7 @@ def predict_case(predictor: Predictor, path: Path, output: Path, axis: int = 2) 
         "max_probability": float(prob.max()),
         "threshold": predictor.threshold,
         "tta": predictor.tta,
+        "keep_largest": keep_largest,
         "checkpoint": str(predictor.checkpoint),
         "outputs": {k: str(v) for k, v in written.items()},
     }
@@ -382,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="weights (default: <bundle>/models/model.pt)")
     p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis of 3D volumes (default 2)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips")
+    p.add_argument("--keep-largest", action="store_true", help="keep only the largest connected tumour region")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="bundle config override, e.g. --set image_size=128 (JSON values)")
     p.add_argument("--no-progress", action="store_true")
@@ -411,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = len(missing)
     for case in tqdm(cases, unit="case", disable=args.no_progress or None):
         try:
-            predict_case(predictor, case, args.output, axis=args.axis)
+            predict_case(predictor, case, args.output, axis=args.axis, keep_largest=args.keep_largest)
         except InputError as e:
             failed += 1
             tqdm.write(f"error: {e}", file=sys.stderr)
