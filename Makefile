@@ -17,7 +17,7 @@ EVAL_CONFIGS  := "['$(BUNDLE)/configs/train.yaml','$(SETTINGS)','$(BUNDLE)/confi
 RUN_ARGS := --dataset_dir $(RUN)/dataset --ckpt_dir $(RUN)/models --output_dir $(RUN)/eval \
             --tracking configs/mlflow.json --tracking_dir $(TRACKING_DIR)
 
-.PHONY: setup demo train evaluate test mlflow-ui clean
+.PHONY: setup demo test mlflow-ui clean monailabel-venv monailabel-app monailabel-serve
 
 setup: $(VENV)/.installed
 
@@ -43,3 +43,29 @@ mlflow-ui: setup
 
 clean:
 	rm -rf runs $(TRACKING_DIR)
+
+# MONAI Label cannot share .venv (it pins numpy < 2 and pydicom 2 through its dependencies):
+# its own venv, without deps resolution for monailabel itself, so the CPU torch stays.
+ML_VENV ?= .venv-monailabel
+monailabel-venv: $(ML_VENV)/.installed
+$(ML_VENV)/.installed:
+	$(PYTHON) -m venv $(ML_VENV)
+	$(ML_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(ML_VENV)/bin/pip install -q --disable-pip-version-check --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
+	$(ML_VENV)/bin/pip install -q --disable-pip-version-check monai==1.6.1 uvicorn fastapi pydantic pydantic-settings \
+	    python-dotenv python-multipart pyjwt passlib requests requests-toolbelt cachetools schedule timeloop watchdog \
+	    expiring_dict google-auth "dicomweb-client==0.59.3" "pydicom==2.4.4" SimpleITK "jsonschema<4" itk-io pynrrd \
+	    girder-client psutil nibabel scikit-image shapely pillow || true  # pip reports monailabel's unmet pins, as expected
+	$(ML_VENV)/bin/python -c "import monailabel, monai, torch; print('monailabel', monailabel.__version__, 'torch', torch.__version__)"
+	touch $@
+
+# Export the bundle (configs, weights, docs, scripts/) into the MONAI Label app, then serve it.
+CHECKPOINT ?= $(BUNDLE)/models/model.pt
+STUDIES ?= runs/monailabel-studies   # MONAI Label writes its datastore and labels into this folder
+monailabel-app: setup
+	$(BIN)/tumorseg-export monailabel_app/model --checkpoint $(CHECKPOINT)
+
+monailabel-serve: monailabel-venv monailabel-app
+	mkdir -p $(STUDIES) && cp -n data/brain-tumor-coco-sample/test/*.jpg $(STUDIES)/
+	PATH=$(abspath $(ML_VENV))/bin:$$PATH $(ML_VENV)/bin/monailabel start_server --app monailabel_app \
+	    --studies $(STUDIES) --host 127.0.0.1 --port 8000 --conf models brain_tumor_mri_seg

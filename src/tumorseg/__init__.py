@@ -19,5 +19,5 @@ def __getattr__(name: str):
     if name in _SUBMODULES:
         import importlib
 
-        return importlib.import_module(f"tumorseg.{name}")
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'tumorseg' has no attribute {name!r}")

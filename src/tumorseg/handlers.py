@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from tumorseg import metrics
-from tumorseg.files import write_atomic
-from tumorseg.report import html_report
-from tumorseg.visualize import panel
+from . import metrics
+from .files import write_atomic
+from .report import html_report
+from .visualize import panel
 
 __all__ = ["ValidationPanels", "SegmentationReport", "register_file"]
 

@@ -5,7 +5,8 @@ file, or a folder holding one DICOM series; a folder of such files is expanded. 
 expects: one grey channel, intensity scaled to [0, 1] over the whole case (min-max), and
 slices at the framing of the training data (a head filling a ``image_size`` square): each slice
 is zoomed isotropically so its longer side is ``image_size`` (no stretching), predicted by
-sliding-window inference (overlap, Gaussian blending), and the probability is zoomed back.
+sliding-window inference (overlap, Gaussian blending), thresholded, and zoomed back (nearest
+neighbour, as the bundle's inference config and MONAI Label do).
 Volumes are predicted slice by slice along ``--axis``.
 
 Outputs per case, in the input's geometry, written atomically: the mask (PNG for PNG/JPG, NIfTI
@@ -183,13 +184,14 @@ class Predictor:
         self.tta = tta
 
     def slice_probability(self, image):
-        """Tumour probability of one (x, y) slice already scaled to [0, 1]; same shape out."""
+        """Tumour probability of one (x, y) slice already scaled to [0, 1], at the network's
+        resolution (longer side ``image_size``)."""
         import torch
         from monai.transforms import Resize
 
         x = torch.as_tensor(image, dtype=torch.float32)[None]  # (1, x, y)
         zoom = Resize(spatial_size=self.image_size, size_mode="longest", mode="bilinear", anti_aliasing=True)
-        batch = torch.as_tensor(zoom(x))[None].to(self.device)  # (1, 1, x', y'), longer side = image_size
+        batch = torch.as_tensor(zoom(x))[None].to(self.device)  # (1, 1, x', y')
         flips = [(), (2,), (3,), (2, 3)] if self.tta else [()]
         prob = torch.zeros_like(batch)
         with torch.no_grad():
@@ -197,12 +199,21 @@ class Predictor:
                 view = batch.flip(dims) if dims else batch
                 out = torch.sigmoid(self.inferer(view, self.network))
                 prob += out.flip(dims) if dims else out
-        prob /= len(flips)
-        back = Resize(spatial_size=tuple(x.shape[1:]), mode="bilinear")(prob[0].cpu())
-        return torch.as_tensor(back)[0].numpy()
+        return (prob / len(flips))[0].cpu()  # (1, x', y')
 
-    def volume_probability(self, volume, axis: int = 2):
-        """Probability of a 2D slice or of a 3D volume predicted slice by slice along ``axis``."""
+    def slice_mask(self, image):
+        """Thresholded at the network's resolution, then zoomed back to the slice's size with
+        nearest neighbour: the same as the bundle's inference config and MONAI Label."""
+        import torch
+        from monai.transforms import Resize
+
+        prob = self.slice_probability(image)
+        mask = (prob >= self.threshold).float()
+        back = Resize(spatial_size=tuple(image.shape), mode="nearest")(mask)
+        return torch.as_tensor(back)[0].numpy() > 0.5, float(prob.max())
+
+    def predict_volume(self, volume, axis: int = 2):
+        """Mask and maximum probability of a 2D slice, or of a 3D volume slice by slice along ``axis``."""
         import numpy as np
 
         lo, hi = float(np.min(volume)), float(np.max(volume))
@@ -212,10 +223,14 @@ class Predictor:
             raise InputError("empty image (every pixel has the same value)")
         scaled = (volume - lo) / (hi - lo)
         if scaled.ndim == 2:
-            return self.slice_probability(scaled)
+            return self.slice_mask(scaled)
         moved = np.moveaxis(scaled, axis, -1)
-        out = np.stack([self.slice_probability(moved[..., k]) for k in range(moved.shape[-1])], axis=-1)
-        return np.moveaxis(out, -1, axis)
+        masks, peak = [], 0.0
+        for k in range(moved.shape[-1]):  # one slice at a time: memory stays that of one slice
+            mask, p = self.slice_mask(moved[..., k])
+            masks.append(mask)
+            peak = max(peak, p)
+        return np.moveaxis(np.stack(masks, axis=-1), -1, axis), peak
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -228,7 +243,7 @@ def _overlay_png(volume, mask, axis: int, title: str) -> bytes:
 
     import numpy as np
 
-    from tumorseg.visualize import panel
+    from .visualize import panel
 
     if volume.ndim == 2:
         picks = [(volume, mask, title)]
@@ -312,7 +327,7 @@ def predict_case(predictor: Predictor, path: Path, output: Path, axis: int = 2, 
     ``keep_largest`` keeps only the largest connected tumour region (in 3D for volumes)."""
     import numpy as np
 
-    from tumorseg.files import write_atomic
+    from .files import write_atomic
 
     kind = _kind(path)
     spacing = None
@@ -325,10 +340,9 @@ def predict_case(predictor: Predictor, path: Path, output: Path, axis: int = 2, 
         volume, datasets, affine = read_dicom(path)
         spacing = [float(np.linalg.norm(affine[:3, i])) for i in range(3)]
     try:
-        prob = predictor.volume_probability(volume, axis=axis)
+        mask, max_probability = predictor.predict_volume(volume, axis=axis)
     except InputError as e:
         raise InputError(f"{path}: {e}") from None
-    mask = prob >= predictor.threshold
     if keep_largest and mask.any():
         import torch
         from monai.transforms import KeepLargestConnectedComponent
@@ -371,7 +385,7 @@ def predict_case(predictor: Predictor, path: Path, output: Path, axis: int = 2, 
         "slices_with_tumour": [int(k) for k in np.nonzero(np.moveaxis(mask, axis, -1).reshape(-1, mask.shape[axis]).any(0))[0]]
         if volume.ndim == 3
         else None,
-        "max_probability": float(prob.max()),
+        "max_probability": max_probability,
         "threshold": predictor.threshold,
         "tta": predictor.tta,
         "keep_largest": keep_largest,

@@ -71,7 +71,7 @@ def environment_params(device=None) -> dict[str, str]:
     import monai
     import torch
 
-    import tumorseg
+    from . import __version__ as tumorseg_version
 
     try:
         commit = subprocess.run(
@@ -81,7 +81,7 @@ def environment_params(device=None) -> dict[str, str]:
         commit = ""
     world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
     return {
-        "code.tumorseg_version": tumorseg.__version__,
+        "code.tumorseg_version": tumorseg_version,
         "code.git_commit": commit or "unknown",
         "code.monai_version": monai.__version__,
         "code.torch_version": torch.__version__,
