@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
+from monai.handlers import CheckpointSaver
 
 from . import metrics
 from .files import write_atomic
 from .report import html_report
 from .visualize import panel
 
-__all__ = ["ValidationPanels", "SegmentationReport", "register_file"]
+__all__ = ["AtomicCheckpointSaver", "ValidationPanels", "SegmentationReport", "register_file"]
 
 
 def register_file(engine: Engine, path: str | Path, artifact_path: str | None = None) -> None:
@@ -33,6 +35,38 @@ def register_file(engine: Engine, path: str | Path, artifact_path: str | None = 
     if files is None:
         files = engine.state.tracked_files = []
     files.append((str(path), artifact_path))
+
+
+class _AtomicSaver(DiskSaver):
+    """Ignite's atomic disk saver (temporary file, then rename) with MONAI's fixed file names."""
+
+    def __init__(self, dirname: str, filename: str | None = None):
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        super().__call__(checkpoint, self.filename or filename, metadata)
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None:  # a fixed name is replaced by the rename: never delete it first
+            super().remove(filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` whose files are never left half-written: each is written to a
+    temporary file in the same folder and renamed over the old one, so a run killed at any
+    moment leaves the previous complete ``model.pt`` (MONAI's own saver writes in place).
+    Takes the same arguments as ``monai.handlers.CheckpointSaver``."""
+
+    def __init__(self, save_dir: str, **kwargs) -> None:
+        super().__init__(save_dir, **kwargs)
+        for checkpoint, filename in (
+            (getattr(self, "_final_checkpoint", None), kwargs.get("final_filename")),
+            (getattr(self, "_key_metric_checkpoint", None), kwargs.get("key_metric_filename")),
+            (getattr(self, "_interval_checkpoint", None), None),
+        ):
+            if checkpoint is not None:
+                checkpoint.save_handler = _AtomicSaver(save_dir, filename)
 
 
 def _is_rank0() -> bool:

@@ -24,8 +24,12 @@ __all__ = ["MLflowTracker", "file_digest", "flatten_config", "run_name", "enviro
 MAX_PARAM_VALUE = 500  # long expressions are cut: a parameter is for reading, the config file is an artifact
 
 
-def run_name(workflow: str) -> str:
-    """A readable, sortable run name: ``<workflow>_<YYYYmmdd_HHMMSS>``."""
+def run_name(workflow: str, record: str | None = None) -> str:
+    """A readable, sortable run name ``<workflow>_<YYYYmmdd_HHMMSS>``, or, when resuming, the
+    name kept in ``record`` by the interrupted run, so MLflow continues that run (MONAI's handler
+    reuses an unfinished run of the same name) instead of starting an orphan."""
+    if record and Path(record).is_file():
+        return Path(record).read_text().strip()
     return f"{workflow}_{time.strftime('%Y%m%d_%H%M%S')}"
 
 
@@ -127,6 +131,7 @@ class MLflowTracker(MLFlowHandler):
         registered_model_name: Model Registry name; None logs the model without registering it.
         input_shape: shape of the model's input example, e.g. ``[1, 1, 256, 256]``.
         source_checkpoint: for evaluation runs, the checkpoint being evaluated.
+        run_record: file to keep the run's name in, for :func:`run_name` when resuming.
         kwargs: everything ``monai.handlers.MLFlowHandler`` takes.
     """
 
@@ -139,9 +144,11 @@ class MLflowTracker(MLFlowHandler):
         registered_model_name: str | None = None,
         input_shape: list[int] | None = None,
         source_checkpoint: str | None = None,
+        run_record: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self.run_record = run_record
         self.tags = {k: str(v) for k, v in (tags or {}).items()}
         self.config_file = _joined(config_file) if config_file else None
         self.model, self.checkpoint = model, checkpoint
@@ -156,6 +163,10 @@ class MLflowTracker(MLFlowHandler):
         if not new_run:
             return
         run_id = self.cur_run.info.run_id
+        if self.run_record:
+            from .files import write_atomic
+
+            write_atomic(self.run_record, self.cur_run.info.run_name.encode())
         for key, value in self.tags.items():
             self.client.set_tag(run_id, key, value)
         params = environment_params()
