@@ -83,12 +83,14 @@ def _load_json(path: Path) -> dict:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
+    """Width and height of a fully decodable image (a truncated file is caught here, not in training)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:  # reads the header only
+        with Image.open(path) as im:
+            im.load()
             return im.size
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ConversionError(path, f"not a readable image ({e.__class__.__name__})") from None
 
 

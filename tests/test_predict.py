@@ -150,7 +150,7 @@ def test_broken_inputs_get_one_line_each_and_the_rest_carries_on(trained, tmp_pa
         assert any(name in e and problem in e for e in errors), (name, errors)
     assert (tmp_path / "out" / "good_seg.png").is_file()  # the good case still got through
     assert not any(p.name.startswith(("truncated", "zero", "text", "flat", "four_d", "MR_trunc")) for p in (tmp_path / "out").iterdir())
-    assert "1 of 8 cases predicted" in result.stdout
+    assert "1 of 8 inputs predicted" in result.stdout
 
 
 def test_bundle_inference_config_uses_sliding_windows_on_any_aspect_ratio(trained, tmp_path):

@@ -52,20 +52,26 @@ def _kind(path: Path) -> str:
     raise InputError(f"{path}: not a PNG/JPG, NIfTI or DICOM file")
 
 
-def find_cases(inputs: list[Path]) -> list[Path]:
-    """Cases in the order given: a file is a case; a folder of DICOM files is one series; any
-    other folder contributes the PNG/JPG/NIfTI/DICOM files directly inside it."""
-    cases = []
+def find_cases(inputs: list[Path]) -> tuple[list[Path], list[str]]:
+    """Cases in the order given, and one error line per input that yields none: a file is a
+    case; a folder of DICOM files is one series; any other folder contributes the
+    PNG/JPG/NIfTI/DICOM files directly inside it (not its subfolders)."""
+    cases, errors = [], []
     for path in inputs:
-        if path.is_dir():
+        if not path.exists():  # also a dangling link or a symlink loop
+            errors.append(f"{path}: no such file or folder")
+        elif path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file())
             if files and all(p.name.lower().endswith(".dcm") or _is_dicom(p) for p in files):
                 cases.append(path)
-            else:
-                cases.extend(p for p in files if p.name.lower().endswith(SLICE_SUFFIXES + NIFTI_SUFFIXES + (".dcm",)))
+                continue
+            found = [p for p in files if p.name.lower().endswith(SLICE_SUFFIXES + NIFTI_SUFFIXES + (".dcm",))]
+            if not found:
+                errors.append(f"{path}: a folder with no PNG/JPG/NIfTI/DICOM files in it")
+            cases.extend(found)
         else:
             cases.append(path)
-    return cases
+    return cases, errors
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -81,7 +87,7 @@ def read_slice(path: Path):
             im.load()
             grey = im.convert("F") if im.mode in ("I", "I;16", "F") else im.convert("L")
             return np.asarray(grey, dtype=np.float32).T
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: unreadable image ({e.__class__.__name__}: {e})") from None
 
 
@@ -420,10 +426,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    missing = [p for p in args.inputs if not p.exists()]
-    for p in missing:
-        print(f"error: {p}: no such file or folder", file=sys.stderr)
-    cases = find_cases([p for p in args.inputs if p.exists()])
+    cases, errors = find_cases(args.inputs)
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
     from tqdm import tqdm
 
     try:
@@ -431,15 +436,15 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    failed = len(missing)
+    failed = 0
     for case in tqdm(cases, unit="case", disable=args.no_progress or None):
         try:
             predict_case(predictor, case, args.output, axis=args.axis, keep_largest=args.keep_largest)
         except InputError as e:
             failed += 1
             tqdm.write(f"error: {e}", file=sys.stderr)
-    print(f"{len(cases) - (failed - len(missing))} of {len(cases) + len(missing)} cases predicted into {args.output}")
-    return 1 if failed else 0
+    print(f"{len(cases) - failed} of {len(cases) + len(errors)} inputs predicted into {args.output}")
+    return 1 if failed or errors else 0
 
 
 if __name__ == "__main__":
