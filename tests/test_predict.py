@@ -153,14 +153,14 @@ def test_broken_inputs_get_one_line_each_and_the_rest_carries_on(trained, tmp_pa
     assert "1 of 8 inputs predicted" in result.stdout
 
 
-def test_bundle_inference_config_uses_sliding_windows_on_any_aspect_ratio(trained, tmp_path):
-    from conftest import QUICK, check, configs
+def test_standalone_bundle_inference_uses_sliding_windows_on_any_aspect_ratio(trained, tmp_path):
+    from conftest import CONFIGS, QUICK, check
 
     wide = tmp_path / "in"
     wide.mkdir()
     Image.open(SAMPLE_JPG).convert("L").resize((640, 400)).save(wide / "wide.png")
     check(run_cli(
-        "-m", "monai.bundle", "run", "--config_file", configs("inference.yaml"), "--input_dir", str(wide),
+        "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIGS / "inference.yaml"), "--dataset_dir", str(wide),
         "--ckpt_dir", str(trained / "models"), "--output_dir", str(tmp_path / "out"), *QUICK,
     ))
     assert Image.open(tmp_path / "out" / "wide_seg.png").size == (640, 400)

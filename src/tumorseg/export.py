@@ -45,14 +45,11 @@ def _image_only(transform: dict) -> dict:
 def flattened_inference_config(bundle: Path = REPO_BUNDLE, overrides: dict | None = None) -> dict:
     """One inference config from train.yaml + inference.yaml (+ ``overrides``, e.g. the network
     size of the weights), needing nothing but MONAI."""
-    from monai.bundle import ConfigParser
+    from .bundle import inference_parser
 
-    parser = ConfigParser()
-    parser.read_config([str(bundle / "configs" / "train.yaml"), str(bundle / "configs" / "inference.yaml")])
-    parser.update(overrides or {})
-    merged = parser.get()
+    merged = inference_parser(bundle, overrides).get()
     config = {
-        "imports": [i for i in merged["imports"] if "tumorseg" not in i],
+        "imports": merged["imports"],
         "bundle_root": ".",
         "ckpt_dir": "$@bundle_root + '/models'",
         "checkpoint": "$@ckpt_dir + '/model.pt'",

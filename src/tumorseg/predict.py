@@ -23,7 +23,7 @@ from pathlib import Path
 
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-REPO_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "brain_tumor_mri_seg"
+from .bundle import BUNDLE as REPO_BUNDLE
 
 
 class InputError(Exception):
@@ -169,11 +169,10 @@ class Predictor:
 
     def __init__(self, bundle: Path = REPO_BUNDLE, checkpoint: Path | None = None, overrides: dict | None = None, tta: bool = False):
         import torch
-        from monai.bundle import ConfigParser
 
-        parser = ConfigParser()
-        parser.read_config([str(bundle / "configs" / "train.yaml"), str(bundle / "configs" / "inference.yaml")])
-        parser.update({"bundle_root": str(bundle), **(overrides or {})})
+        from .bundle import inference_parser
+
+        parser = inference_parser(bundle, overrides)
         self.image_size = int(parser.get_parsed_content("image_size"))
         self.threshold = float(parser.get_parsed_content("threshold"))
         self.inferer = parser.get_parsed_content("infer#inferer")
