@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,24 @@ def evaluated(trained, converted_sample, tmp_path_factory):
         "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(trained / "mlflow"),
     ))
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def edit_json(root: Path, split: str, change) -> None:
+    """Apply ``change`` to the parsed COCO json of one split of a Kaggle-layout folder."""
+    import json
+
+    path = root / split / "_annotations.coco.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))

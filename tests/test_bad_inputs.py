@@ -17,17 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import REPO, SAMPLE, run_cli
+from conftest import SAMPLE, edit_json, run_cli
 from data_tools.coco_to_monai import ConversionError, convert
 
 GOOD_JPG = sorted((SAMPLE / "test").glob("*.jpg"))[0]
-
-
-def edit(root: Path, split: str, change) -> None:
-    path = root / split / "_annotations.coco.json"
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
 
 
 def ann0(d):
@@ -40,24 +33,24 @@ CONVERSION_CASES = [
     ("malformed json", lambda r: (r / "valid" / "_annotations.coco.json").write_text("{"), "malformed JSON"),
     ("binary json", lambda r: (r / "valid" / "_annotations.coco.json").write_bytes(b"\xff\xfe\x00"), "not UTF-8"),
     ("json not an object", lambda r: (r / "train" / "_annotations.coco.json").write_text("[]"), "not a JSON object"),
-    ("images wrong type", lambda r: edit(r, "train", lambda d: d.update(images={})), "'images' list"),
-    ("categories missing", lambda r: edit(r, "train", lambda d: d.pop("categories")), "'categories' list"),
-    ("image id wrong type", lambda r: edit(r, "train", lambda d: d["images"][0].update(id="7")), "needs an integer 'id'"),
-    ("file_name missing", lambda r: edit(r, "train", lambda d: d["images"][0].pop("file_name")), "needs an integer 'id' and a 'file_name'"),
-    ("duplicate image id", lambda r: edit(r, "train", lambda d: d["images"][1].update(id=d["images"][0]["id"])), "listed twice"),
-    ("duplicate annotation id", lambda r: edit(r, "train", lambda d: d["annotations"][1].update(id=ann0(d)["id"])), "is listed twice"),
+    ("images wrong type", lambda r: edit_json(r, "train", lambda d: d.update(images={})), "'images' list"),
+    ("categories missing", lambda r: edit_json(r, "train", lambda d: d.pop("categories")), "'categories' list"),
+    ("image id wrong type", lambda r: edit_json(r, "train", lambda d: d["images"][0].update(id="7")), "needs an integer 'id'"),
+    ("file_name missing", lambda r: edit_json(r, "train", lambda d: d["images"][0].pop("file_name")), "needs an integer 'id' and a 'file_name'"),
+    ("duplicate image id", lambda r: edit_json(r, "train", lambda d: d["images"][1].update(id=d["images"][0]["id"])), "listed twice"),
+    ("duplicate annotation id", lambda r: edit_json(r, "train", lambda d: d["annotations"][1].update(id=ann0(d)["id"])), "is listed twice"),
     ("image missing on disk", lambda r: next((r / "test").glob("*.jpg")).unlink(), "listed in the annotations but not found"),
     ("zero-byte image", lambda r: next((r / "test").glob("*.jpg")).write_bytes(b""), "not a readable image"),
     ("truncated image", lambda r: (lambda p: p.write_bytes(p.read_bytes()[:2000]))(next((r / "test").glob("*.jpg"))), "not a readable image"),
-    ("path escapes split", lambda r: edit(r, "valid", lambda d: d["images"][0].update(file_name="../train/x.jpg")), "escapes the split folder"),
-    ("absolute path", lambda r: edit(r, "valid", lambda d: d["images"][0].update(file_name="/etc/passwd")), "escapes the split folder"),
-    ("unknown category", lambda r: edit(r, "train", lambda d: ann0(d).update(category_id=9)), "unknown category_id 9"),
-    ("unknown image_id", lambda r: edit(r, "train", lambda d: ann0(d).update(image_id=99999)), "unknown image_id 99999"),
-    ("NaN coordinate", lambda r: edit(r, "train", lambda d: ann0(d)["segmentation"][0].__setitem__(0, float("nan"))), "finite x,y pairs"),
-    ("string coordinate", lambda r: edit(r, "train", lambda d: ann0(d)["segmentation"][0].__setitem__(0, "12")), "finite x,y pairs"),
-    ("two-point polygon", lambda r: edit(r, "train", lambda d: ann0(d).update(segmentation=[[1, 1, 5, 5]])), "at least 3"),
-    ("no polygon, no bbox", lambda r: edit(r, "train", lambda d: [ann0(d).pop(k) for k in ("segmentation", "bbox")]), "no polygon segmentation and no bbox"),
-    ("size differs from json", lambda r: edit(r, "train", lambda d: d["images"][0].update(height=100)), "but the json says"),
+    ("path escapes split", lambda r: edit_json(r, "valid", lambda d: d["images"][0].update(file_name="../train/x.jpg")), "escapes the split folder"),
+    ("absolute path", lambda r: edit_json(r, "valid", lambda d: d["images"][0].update(file_name="/etc/passwd")), "escapes the split folder"),
+    ("unknown category", lambda r: edit_json(r, "train", lambda d: ann0(d).update(category_id=9)), "unknown category_id 9"),
+    ("unknown image_id", lambda r: edit_json(r, "train", lambda d: ann0(d).update(image_id=99999)), "unknown image_id 99999"),
+    ("NaN coordinate", lambda r: edit_json(r, "train", lambda d: ann0(d)["segmentation"][0].__setitem__(0, float("nan"))), "finite x,y pairs"),
+    ("string coordinate", lambda r: edit_json(r, "train", lambda d: ann0(d)["segmentation"][0].__setitem__(0, "12")), "finite x,y pairs"),
+    ("two-point polygon", lambda r: edit_json(r, "train", lambda d: ann0(d).update(segmentation=[[1, 1, 5, 5]])), "at least 3"),
+    ("no polygon, no bbox", lambda r: edit_json(r, "train", lambda d: [ann0(d).pop(k) for k in ("segmentation", "bbox")]), "no polygon segmentation and no bbox"),
+    ("size differs from json", lambda r: edit_json(r, "train", lambda d: d["images"][0].update(height=100)), "but the json says"),
 ]
 
 
@@ -82,12 +75,12 @@ def test_conversion_refuses_bad_input(broken, tmp_path, name, breaker, problem):
 
 
 def test_bbox_only_annotation_is_drawn_as_its_box(broken, tmp_path):
-    edit(broken, "train", lambda d: ann0(d).pop("segmentation"))
+    edit_json(broken, "train", lambda d: ann0(d).pop("segmentation"))
     convert(broken, tmp_path / "out", progress=False, log=lambda s: None)  # documented: the bbox is used
 
 
 def test_cli_refusal_is_one_line_without_traceback(broken, tmp_path):
-    edit(broken, "train", lambda d: ann0(d).update(category_id=9))
+    edit_json(broken, "train", lambda d: ann0(d).update(category_id=9))
     result = run_cli("-m", "data_tools", str(broken), str(tmp_path / "out"), "--no-progress")
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SAMPLE, run_cli
+from conftest import SAMPLE, edit_json, run_cli
 from data_tools.coco_to_monai import ConversionError, convert
 
 EMPTY_IMAGE = "2369_jpg.rf.8b8afa9d79c61fa42ca128c940b9cbc0.jpg"
@@ -32,13 +32,6 @@ def sample_copy(tmp_path) -> Path:
     dst = tmp_path / "kaggle"
     shutil.copytree(SAMPLE, dst)
     return dst
-
-
-def edit_json(root: Path, split: str, edit) -> None:
-    path = root / split / "_annotations.coco.json"
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
 
 
 def test_sample_converts_to_monai_datalist(converted_sample):

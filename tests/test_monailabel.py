@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import QUICK, REPO, check, run_cli
+from conftest import QUICK, REPO, check, free_port, port_open, run_cli
 
 ML_VENV = Path(os.environ.get("TUMORSEG_MONAILABEL_VENV", REPO / ".venv-monailabel"))
 pytestmark = [
@@ -23,17 +22,6 @@ pytestmark = [
     pytest.mark.skipif(not (ML_VENV / "bin" / "monailabel").exists(), reason="no MONAI Label venv (make monailabel-venv)"),
 ]
 NET = dict(zip(QUICK[0:8:2], QUICK[1:8:2]))  # the small network of the `trained` fixture
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_monai_label_infer_equals_the_bundle_inference(trained, tmp_path):

@@ -22,3 +22,17 @@ def inference_parser(bundle: Path = BUNDLE, overrides: dict | None = None):
     parser.update(inference)
     parser.update({"bundle_root": str(bundle), **(overrides or {})})
     return parser
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` command-line overrides; values are JSON where they parse (numbers, lists)."""
+    import json
+
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides

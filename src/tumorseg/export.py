@@ -111,13 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override written into inference.json, e.g. --set image_size=128 (JSON values)")
     args = p.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    from .bundle import parse_overrides
+
+    overrides = parse_overrides(args.set)
     try:
         target = export(args.output, args.bundle, args.checkpoint, args.zip, overrides)
     except FileNotFoundError as e:

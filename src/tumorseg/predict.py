@@ -418,13 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    from .bundle import parse_overrides
+
+    overrides = parse_overrides(args.set)
     cases, errors = find_cases(args.inputs)
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
