@@ -132,16 +132,31 @@ def test_evaluate_and_inference_on_the_trained_model(trained, evaluated, tmp_pat
 
 
 def test_two_process_training_with_torchrun_on_cpu(converted_sample, tmp_path):
-    """multi_gpu_train.yaml with 2 gloo processes: trains, only rank 0 writes the checkpoints."""
+    """multi_gpu_train.yaml with 2 gloo processes: trains, only rank 0 writes and logs, and the
+    validation Dice gathered over the ranks equals a 1-process evaluation of the same model."""
     result = check(run_cli(
         "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "monai.bundle", "run", "training", "--config_file", configs("multi_gpu_train.yaml"),
         "--dataset_dir", str(converted_sample), "--ckpt_dir", str(tmp_path / "models"),
         "--output_dir", str(tmp_path / "eval"), "--max_epochs", "1", *QUICK,
+        "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(tmp_path / "mlflow"),
         env={"OMP_NUM_THREADS": "1"},
     ))
     log = result.stdout + result.stderr
-    assert log.count("Epoch[1] Complete") >= 2  # both ranks trained
+    assert log.count("Epoch[1] Metrics") == 1  # the stats handler runs on rank 0 only
     assert (tmp_path / "models" / "model.pt").is_file()
     assert len(list((tmp_path / "models" / "last").glob("*.pt"))) == 1
     assert len(list((tmp_path / "eval" / "panels").glob("*.png"))) == 1
+    client, run = mlflow_run(tmp_path / "mlflow", "train")  # one run, from rank 0
+    assert run.data.params["machine.world_size"] == "2"
+    distributed_dice = run.data.metrics["val_mean_dice"]
+    lr = client.get_metric_history(run.info.run_id, "lr_group_0")
+    assert lr and all(m.value > 0 for m in lr)
+
+    check(run_cli(
+        "-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"), "--dataset_dir", str(converted_sample),
+        "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval1"), "--eval_list", "validation",
+        *QUICK,
+    ))
+    single = json.loads((tmp_path / "eval1" / "evaluate_validation" / "summary.json").read_text())
+    assert abs(single["per_image"]["dice"]["mean"] - distributed_dice) < 1e-6

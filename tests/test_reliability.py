@@ -35,20 +35,16 @@ def test_training_killed_mid_epoch_resumes_into_the_same_mlflow_run(converted_sa
         if "Saved checkpoint at epoch: 1" in line:
             break
         assert time.time() < deadline and proc.poll() is None
-    for line in proc.stdout:  # into epoch 2: a few iterations later
-        if "Epoch [2/4]" in line or "Epoch[2]" in line:
-            break
-        if time.time() > deadline - 250:
-            break
-    time.sleep(1.0)
+    time.sleep(1.5)  # into epoch 2 (12 iterations of a few hundred ms)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     killed_at = torch.load(newest(tmp_path / "models" / "last", "*.pt"), weights_only=True)["trainer"]["iteration"]
     assert 12 <= killed_at < 4 * 12
-    torch.load(tmp_path / "models" / "model.pt", weights_only=True)  # the best model is whole
-    assert not list((tmp_path / "models").glob("*.tmp")) and not list((tmp_path / "models").glob("tmp*"))
+    # every checkpoint file is whole (a kill during a save can leave only an unused temporary file)
+    for path in [tmp_path / "models" / "model.pt", *(tmp_path / "models" / "last").glob("*.pt")]:
+        torch.load(path, weights_only=True)
 
     result = check(run_cli(*args[1:], "--resume", "true"))
     assert "Restored all variables from" in result.stdout + result.stderr

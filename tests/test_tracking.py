@@ -42,7 +42,10 @@ def test_best_model_is_registered_and_loads_with_pyfunc(trained, converted_sampl
     versions = client.search_model_versions("name = 'brain_tumor_mri_seg'")
     assert [v.run_id for v in versions] == [run.info.run_id]
     mlflow.set_tracking_uri(f"sqlite:///{trained}/mlflow/mlruns.db")
-    model = mlflow.pyfunc.load_model("models:/brain_tumor_mri_seg/1")
+    try:
+        model = mlflow.pyfunc.load_model("models:/brain_tumor_mri_seg/1")
+    finally:
+        mlflow.set_tracking_uri(None)  # it also sets MLFLOW_TRACKING_URI, which later subprocesses would inherit
     assert model.metadata.signature is not None
 
     # the bundle's own network and preprocessing on a real sample image

@@ -228,7 +228,9 @@ class MLflowTracker(MLFlowHandler):
         net = copy.deepcopy(self.model).cpu().eval()
         net.load_state_dict(torch.load(self.checkpoint, map_location="cpu", weights_only=True))
         example = np.zeros(self.input_shape or [1, 1, 64, 64], dtype=np.float32)
-        previous_uri = mlflow.get_tracking_uri()
+        # the fluent API needs the global URI, which mlflow also puts into the environment (where
+        # MONAI's handler would read it): restore both afterwards, unset if they were unset
+        previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.client.tracking_uri)
         try:
             with mlflow.start_run(run_id=run_id):
