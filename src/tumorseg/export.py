@@ -18,7 +18,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from .predict import REPO_BUNDLE
+from .bundle import BUNDLE
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # what inference needs from the merged config; training-only ids stay out
@@ -42,7 +42,7 @@ def _image_only(transform: dict) -> dict:
     return out
 
 
-def flattened_inference_config(bundle: Path = REPO_BUNDLE, overrides: dict | None = None) -> dict:
+def flattened_inference_config(bundle: Path = BUNDLE, overrides: dict | None = None) -> dict:
     """One inference config from train.yaml + inference.yaml (+ ``overrides``, e.g. the network
     size of the weights), needing nothing but MONAI."""
     from .bundle import inference_parser
@@ -69,7 +69,7 @@ def flattened_inference_config(bundle: Path = REPO_BUNDLE, overrides: dict | Non
 
 
 def export(
-    out: Path, bundle: Path = REPO_BUNDLE, checkpoint: Path | None = None, make_zip: bool = False, overrides: dict | None = None
+    out: Path, bundle: Path = BUNDLE, checkpoint: Path | None = None, make_zip: bool = False, overrides: dict | None = None
 ) -> Path:
     """Write ``<out>/<bundle name>/`` (and ``<out>/<bundle name>.zip`` with ``make_zip``)."""
     checkpoint = Path(checkpoint or bundle / "models" / "model.pt")
@@ -105,7 +105,7 @@ def export(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tumorseg-export", description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("output", type=Path, help="folder to write <bundle name>/ into (e.g. monailabel_app/model)")
-    p.add_argument("--bundle", type=Path, default=REPO_BUNDLE)
+    p.add_argument("--bundle", type=Path, default=BUNDLE)
     p.add_argument("--checkpoint", type=Path, help="weights (default: <bundle>/models/model.pt)")
     p.add_argument("--zip", action="store_true", help="also write <bundle name>.zip")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -87,7 +87,7 @@ def _name(item: dict, index: int) -> str:
 class _CaseCollector:
     """Per-image metrics of every case of an epoch, and the pictures of the worst and best ones."""
 
-    def __init__(self, output_dir: str, num_images: int, image_key: str, label_key: str, pred_key: str):
+    def __init__(self, output_dir: str, num_images: int = 6, image_key="image", label_key="label", pred_key="pred"):
         if num_images < 0:
             raise ValueError(f"num_images must be >= 0, got {num_images}.")
         self.output_dir = Path(output_dir)
@@ -153,9 +153,6 @@ class ValidationPanels(_CaseCollector):
         num_images: cases per panel, half worst (rounded up) and half best.
         image_key, label_key, pred_key: keys of the evaluator's output dicts.
     """
-
-    def __init__(self, output_dir: str, num_images: int = 6, image_key="image", label_key="label", pred_key="pred"):
-        super().__init__(output_dir, num_images, image_key, label_key, pred_key)
 
     def _write(self, engine: Engine) -> None:
         if not self.rows or not _is_rank0():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-from .bundle import BUNDLE as REPO_BUNDLE
+from .bundle import BUNDLE
 
 
 class InputError(Exception):
@@ -167,7 +167,7 @@ class Predictor:
         tta: average the probabilities of the slice and its flips along both axes.
     """
 
-    def __init__(self, bundle: Path = REPO_BUNDLE, checkpoint: Path | None = None, overrides: dict | None = None, tta: bool = False):
+    def __init__(self, bundle: Path = BUNDLE, checkpoint: Path | None = None, overrides: dict | None = None, tta: bool = False):
         import torch
 
         from .bundle import inference_parser
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tumorseg-predict", description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("inputs", nargs="+", type=Path, help="PNG/JPG/NIfTI/DICOM files, DICOM series folders, or folders of files")
     p.add_argument("--output", "-o", type=Path, required=True, help="folder for the outputs (created)")
-    p.add_argument("--bundle", type=Path, default=REPO_BUNDLE, help="bundle folder (default: the repository's)")
+    p.add_argument("--bundle", type=Path, default=BUNDLE, help="bundle folder (default: the repository's)")
     p.add_argument("--checkpoint", type=Path, help="weights (default: <bundle>/models/model.pt)")
     p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis of 3D volumes (default 2)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips")
