@@ -25,7 +25,7 @@ def parts(dataset_dir: Path, epochs: int, out: Path, overrides: dict):
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / "brain_tumor_mri_seg" / "configs" / "train.yaml"))
     parser.update({"dataset_dir": str(dataset_dir), "max_epochs": epochs, "val_interval": epochs + 1,
-                   "ckpt_dir": str(out / "models"), "output_dir": str(out / "eval"), "num_workers": 0, **overrides})
+                   "ckpt_dir": str(out / "models"), "output_dir": str(out / "eval"), **overrides})
     return parser
 
 
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--image_size", type=int, default=256)
     ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--num_workers", type=int, default=0)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -44,7 +45,7 @@ def main() -> None:
 
             dataset_dir = tmp / "sample"
             convert(REPO / "data" / "brain-tumor-coco-sample", dataset_dir, progress=False, log=lambda s: None)
-        overrides = {"image_size": args.image_size, "batch_size": args.batch_size}
+        overrides = {"image_size": args.image_size, "batch_size": args.batch_size, "num_workers": args.num_workers}
 
         parser = parts(dataset_dir, args.epochs, tmp / "a", overrides)
         loader = parser.get_parsed_content("train#dataloader")
@@ -60,6 +61,8 @@ def main() -> None:
         network, loss_fn = parser.get_parsed_content("network"), parser.get_parsed_content("loss")
         optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
         device = parser.get_parsed_content("device")
+        amp = bool(parser.get_parsed_content("amp"))  # as the trainer: mixed precision on CUDA
+        scaler = torch.amp.GradScaler(device.type, enabled=amp)
         network.train()
         start = time.perf_counter()
         seen = 0
@@ -67,10 +70,14 @@ def main() -> None:
             for batch in loader:
                 image, label = batch["image"].to(device), batch["label"].to(device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(network(image), label)
-                loss.backward()
-                optimizer.step()
+                with torch.autocast(device.type, enabled=amp):
+                    loss = loss_fn(network(image), label)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 seen += image.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         plain_rate = seen / (time.perf_counter() - start)
 
         # the bundle's trainer, its handlers attached as in `run`
@@ -80,9 +87,11 @@ def main() -> None:
         parser.get_parsed_content("train#last_checkpoint").attach(trainer)
         start = time.perf_counter()
         trainer.run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         trainer_rate = args.epochs * n_images / (time.perf_counter() - start)
 
-    print(f"device {device}, torch threads {torch.get_num_threads()}, {n_images} images of "
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), amp {amp}, torch threads {torch.get_num_threads()}, {n_images} images of "
           f"{args.image_size}x{args.image_size}, batch {args.batch_size}, {args.epochs} epochs")
     print(f"{'what':40s} {'images/s':>9s}")
     print(f"{'data loader alone':40s} {loader_rate:9.1f}")

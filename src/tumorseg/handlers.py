@@ -12,6 +12,7 @@ import heapq
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from .files import write_atomic
 from .report import html_report
 from .visualize import panel
 
-__all__ = ["AtomicCheckpointSaver", "ValidationPanels", "SegmentationReport", "register_file"]
+__all__ = ["AtomicCheckpointSaver", "MetricsLog", "ValidationPanels", "SegmentationReport", "register_file"]
 
 
 def register_file(engine: Engine, path: str | Path, artifact_path: str | None = None) -> None:
@@ -67,6 +68,57 @@ class AtomicCheckpointSaver(CheckpointSaver):
         ):
             if checkpoint is not None:
                 checkpoint.save_handler = _AtomicSaver(save_dir, filename)
+
+
+class MetricsLog:
+    """One JSON line per training epoch in ``path``: epoch, iteration, wall seconds since the
+    start, learning rate, mean training loss of the epoch and the validator's latest metrics.
+
+    A plain record of the run that needs no tracking server (it is how runs on machines without
+    MLflow are compared and imported, see ``experiments/``). Attach it after the
+    ``ValidationHandler`` so the epoch's validation is already done. The file is rewritten
+    atomically each epoch; a resumed run appends to it.
+
+    Args:
+        path: the JSON-lines file.
+        validator: the evaluator whose ``state.metrics`` are logged (None: training only).
+        optimizer: its first parameter group's ``lr`` is logged.
+    """
+
+    def __init__(self, path: str, validator: Engine | None = None, optimizer=None) -> None:
+        self.path = Path(path)
+        self.validator = validator
+        self.optimizer = optimizer
+        self._losses: list[float] = []
+        self._start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.perf_counter()
+
+    def _iteration(self, engine: Engine) -> None:
+        out = engine.state.output
+        loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
+        self._losses.append(float(loss))
+
+    def _epoch(self, engine: Engine) -> None:
+        record = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
+                  "time_s": round(time.perf_counter() - self._start, 3)}
+        if self.optimizer is not None:
+            record["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self._losses:
+            record["train_loss"] = float(np.mean(self._losses))
+        self._losses = []
+        if self.validator is not None and self.validator.state.epoch == engine.state.epoch:
+            record.update({k: float(v) for k, v in self.validator.state.metrics.items() if np.isscalar(v)})
+        if not _is_rank0():
+            return
+        old = self.path.read_bytes() if self.path.is_file() else b""
+        write_atomic(self.path, old + (json.dumps(record) + "\n").encode())
 
 
 def _is_rank0() -> bool:

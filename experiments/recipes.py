@@ -1,0 +1,97 @@
+"""Train several recipes side by side with the bundle's own CLI, each in its own process.
+
+    python experiments/recipes.py --dataset_dir <converted folder> --out runs/recipes \
+        --recipes baseline,box_aug --max_epochs 50 [--deadline_s 3600] [--set num_workers=2]
+
+A recipe is train.yaml plus the override files of configs/experiments/ it names (see RECIPES).
+Each run writes <out>/<recipe>/{models/model.pt, eval/metrics.jsonl, train.log, recipe.json};
+``experiments/import_runs.py`` turns them into MLflow runs. A run still going at the deadline
+is stopped (its best checkpoint and metrics so far are kept, and recipe.json says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = "bundles/brain_tumor_mri_seg/configs/train.yaml"
+RECIPES = {
+    "baseline": [],
+    "box_aug": ["box_aug"],
+    "box_aug_wide": ["box_aug", "wide"],
+    "box_aug_dynunet": ["box_aug", "dynunet_ds"],
+    "box_aug_dice_only": ["box_aug", "dice_only"],
+}
+
+
+def config_files(recipe: str) -> list[str]:
+    return [TRAIN] + [f"configs/experiments/{name}.yaml" for name in RECIPES[recipe]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset_dir", required=True)
+    ap.add_argument("--out", type=Path, default=Path("runs/recipes"))
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--max_epochs", type=int, default=50)
+    ap.add_argument("--deadline_s", type=float, default=None, help="stop runs still going after this many seconds")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra bundle override for every run")
+    args = ap.parse_args()
+    names = [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in names if r not in RECIPES]
+    if unknown:
+        sys.exit(f"error: unknown recipe(s) {unknown}; known: {list(RECIPES)}")
+
+    procs = {}
+    for name in names:
+        run_dir = (args.out / name).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        overrides = {"max_epochs": str(args.max_epochs), "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "eval")}
+        overrides.update(kv.split("=", 1) for kv in args.set)
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(config_files(name)),
+               "--dataset_dir", str(Path(args.dataset_dir).resolve())]
+        for key, value in overrides.items():
+            cmd += [f"--{key}", value]
+        record = {"recipe": name, "config_files": config_files(name), "overrides": overrides, "command": cmd,
+                  "host": platform.node(), "python": platform.python_version()}
+        (run_dir / "recipe.json").write_text(json.dumps(record, indent=1))
+        log = open(run_dir / "train.log", "w")
+        procs[name] = (subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), record, run_dir, time.time())
+        print(f"started {name}: pid {procs[name][0].pid}", flush=True)
+
+    start = time.time()
+    while any(p.poll() is None for p, *_ in procs.values()):
+        if args.deadline_s is not None and time.time() - start > args.deadline_s:
+            for name, (p, *_rest) in procs.items():
+                if p.poll() is None:
+                    print(f"deadline: stopping {name}", flush=True)
+                    p.kill()
+            break
+        time.sleep(2)
+    summary = {}
+    for name, (p, record, run_dir, t0) in procs.items():
+        p.wait()
+        lines = (run_dir / "eval" / "metrics.jsonl").read_text().splitlines() if (run_dir / "eval" / "metrics.jsonl").is_file() else []
+        epochs = [json.loads(line) for line in lines]
+        dice = [e.get("val_mean_dice", float("nan")) for e in epochs]
+        record.update(returncode=p.returncode, wall_s=round(time.time() - t0, 1), epochs_done=len(epochs),
+                      completed=p.returncode == 0 and len(epochs) == args.max_epochs)
+        (run_dir / "recipe.json").write_text(json.dumps(record, indent=1))
+        summary[name] = {"epochs": len(epochs), "best_val_dice": max(dice) if dice else None,
+                         "best_epoch": 1 + dice.index(max(dice)) if dice else None, "returncode": p.returncode,
+                         "wall_s": record["wall_s"]}
+        print(f"{name:22s} epochs {len(epochs):3d}  best val Dice {summary[name]['best_val_dice']}  "
+              f"(epoch {summary[name]['best_epoch']})  rc {p.returncode}  {record['wall_s']} s", flush=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
