@@ -1,7 +1,7 @@
 """Train several recipes side by side with the bundle's own CLI, each in its own process.
 
     python experiments/recipes.py --dataset_dir <converted folder> --out runs/recipes \
-        --recipes baseline,box_aug --max_epochs 50 [--deadline_s 3600] [--set num_workers=2]
+        --recipes default,rotate_aug --max_epochs 50 [--deadline_s 3600] [--set num_workers=2]
 
 A recipe is train.yaml plus the override files of configs/experiments/ it names (see RECIPES).
 Each run writes <out>/<recipe>/{models/model.pt, eval/metrics.jsonl, train.log, recipe.json};
@@ -22,12 +22,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = "bundles/brain_tumor_mri_seg/configs/train.yaml"
-RECIPES = {
-    "baseline": [],
-    "box_aug": ["box_aug"],
-    "box_aug_wide": ["box_aug", "wide"],
-    "box_aug_dynunet": ["box_aug", "dynunet_ds"],
-    "box_aug_dice_only": ["box_aug", "dice_only"],
+RECIPES = {  # name: override files, applied in order on train.yaml
+    "default": [],
+    "rotate_aug": ["rotate_aug"],
+    "wide": ["wide"],
+    "dynunet_ds": ["dynunet_ds"],
+    "dice_only": ["dice_only"],
 }
 
 

@@ -11,7 +11,7 @@ Modules (imported on demand, so ``import tumorseg`` stays light):
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("files", "handlers", "losses", "metrics", "runs", "tracking", "visualize")
+_SUBMODULES = ("files", "handlers", "inferers", "losses", "metrics", "runs", "tracking", "transforms", "visualize")
 
 
 def __getattr__(name: str):

@@ -164,18 +164,28 @@ class Predictor:
         bundle: the bundle folder (configs/train.yaml and configs/inference.yaml are read).
         checkpoint: weights (a state dict, loaded with ``weights_only=True``); default the bundle's models/model.pt.
         overrides: config overrides (e.g. ``{"image_size": 128}``).
-        tta: average the probabilities of the slice and its flips along both axes.
+        tta: average the probabilities of the slice and its flips (None: the config's ``tta``).
+        box_fit: predict one rectangle per slice (None: the config's ``box_fit``).
     """
 
-    def __init__(self, bundle: Path = BUNDLE, checkpoint: Path | None = None, overrides: dict | None = None, tta: bool = False):
+    def __init__(self, bundle: Path = BUNDLE, checkpoint: Path | None = None, overrides: dict | None = None,
+                 tta: bool | None = None, box_fit: bool | None = None):
         import torch
 
         from .bundle import inference_parser
+        from .transforms import ExpectedDiceBox
 
+        overrides = dict(overrides or {})
+        for key, value in (("tta", tta), ("box_fit", box_fit)):
+            if value is not None:
+                overrides[key] = value
         parser = inference_parser(bundle, overrides)
         self.image_size = int(parser.get_parsed_content("image_size"))
         self.threshold = float(parser.get_parsed_content("threshold"))
-        self.inferer = parser.get_parsed_content("infer#inferer")
+        self.inferer = parser.get_parsed_content("infer#inferer")  # FlipTTAInferer around the sliding window
+        self.tta = bool(parser.get_parsed_content("tta_enabled"))
+        self.box_fit = bool(parser.get_parsed_content("box_fit_enabled"))
+        self.box = ExpectedDiceBox(self.threshold) if self.box_fit else None
         self.checkpoint = Path(checkpoint or parser.get_parsed_content("checkpoint"))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.network = parser.get_parsed_content("network_def").to(self.device).eval()
@@ -186,7 +196,6 @@ class Predictor:
         except Exception as e:  # a pickle that is not a plain state dict is refused, never executed
             raise InputError(f"{self.checkpoint}: not loadable as weights ({e.__class__.__name__})") from None
         self.network.load_state_dict(state)
-        self.tta = tta
 
     def slice_probability(self, image):
         """Tumour probability of one (x, y) slice already scaled to [0, 1], at the network's
@@ -197,14 +206,8 @@ class Predictor:
         x = torch.as_tensor(image, dtype=torch.float32)[None]  # (1, x, y)
         zoom = Resize(spatial_size=self.image_size, size_mode="longest", mode="bilinear", anti_aliasing=True)
         batch = torch.as_tensor(zoom(x))[None].to(self.device)  # (1, 1, x', y')
-        flips = [(), (2,), (3,), (2, 3)] if self.tta else [()]
-        prob = torch.zeros_like(batch)
         with torch.no_grad():
-            for dims in flips:
-                view = batch.flip(dims) if dims else batch
-                out = torch.sigmoid(self.inferer(view, self.network))
-                prob += out.flip(dims) if dims else out
-        return (prob / len(flips))[0].cpu()  # (1, x', y')
+            return torch.sigmoid(self.inferer(batch, self.network))[0].cpu()  # (1, x', y')
 
     def slice_mask(self, image):
         """Thresholded at the network's resolution, then zoomed back to the slice's size with
@@ -213,7 +216,7 @@ class Predictor:
         from monai.transforms import Resize
 
         prob = self.slice_probability(image)
-        mask = (prob >= self.threshold).float()
+        mask = torch.as_tensor(self.box(prob.numpy())).float() if self.box else (prob >= self.threshold).float()
         back = Resize(spatial_size=tuple(image.shape), mode="nearest")(mask)
         return torch.as_tensor(back)[0].numpy() > 0.5, float(prob.max())
 
@@ -393,6 +396,7 @@ def predict_case(predictor: Predictor, path: Path, output: Path, axis: int = 2, 
         "max_probability": max_probability,
         "threshold": predictor.threshold,
         "tta": predictor.tta,
+        "box_fit": predictor.box_fit,
         "keep_largest": keep_largest,
         "checkpoint": str(predictor.checkpoint),
         "outputs": {k: str(v) for k, v in written.items()},
@@ -408,7 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, default=BUNDLE, help="bundle folder (default: the repository's)")
     p.add_argument("--checkpoint", type=Path, help="weights (default: <bundle>/models/model.pt)")
     p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis of 3D volumes (default 2)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation, averaging over the slice's flips (default: the inference config's tta)")
+    p.add_argument("--box-fit", action=argparse.BooleanOptionalAction, default=None,
+                   help="one rectangle per slice, of highest expected Dice (default: the inference config's box_fit)")
     p.add_argument("--keep-largest", action="store_true", help="keep only the largest connected tumour region")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="bundle config override, e.g. --set image_size=128 (JSON values)")
@@ -427,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     try:
-        predictor = Predictor(args.bundle, args.checkpoint, overrides, tta=args.tta)
+        predictor = Predictor(args.bundle, args.checkpoint, overrides, tta=args.tta, box_fit=args.box_fit)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,148 @@
+"""Regenerate the model card's figures from the shipped weights and the recorded recipe runs.
+
+    python experiments/model_card.py --dataset_dir <converted Kaggle download> [--tracking_dir mlflow]
+    (make model-card DATA=<converted folder>)
+
+1. imports the recipe runs of experiments/results/ into MLflow (once);
+2. evaluates models/model.pt on `valid` with the bundle's evaluate config (real CLI, MLflow
+   tracked) for each inference setting: plain threshold, flip TTA, box fit, both;
+3. writes docs/figures/training_curves.svg (val Dice per epoch of every recipe),
+   docs/figures/valid_examples.png (image | ground truth | prediction, like the poster's
+   figure 5), docs/figures/valid_cases.png (worst and best cases), docs/eval_valid.json, and
+   metadata.json's eval_metrics (the default setting's figures);
+4. prints the tables the model card quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
+RESULTS = REPO / "experiments" / "results"
+FIGURES = BUNDLE / "docs" / "figures"
+SETTINGS = {  # name: (tta, box_fit); the last is the evaluate/inference default
+    "threshold": (False, False),
+    "tta": (True, False),
+    "box_fit": (False, True),
+    "tta+box_fit": (True, True),
+}
+POSTER = {"dice": 0.75, "poster_mean_iou": 0.98}
+
+
+def evaluate(dataset_dir: Path, out: Path, tta: bool, box_fit: bool, tracking_dir: Path) -> dict:
+    configs = [str(BUNDLE / "configs" / f) for f in ("train.yaml", "evaluate.yaml")]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs), "--dataset_dir", str(dataset_dir),
+           "--eval_list", "validation", "--eval_dir", str(out), "--tta", str(tta).lower(), "--box_fit", str(box_fit).lower(),
+           "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(tracking_dir)]
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "summary.json").read_text())
+
+
+def curves_svg(runs: dict[str, list[dict]], width: int = 560, height: int = 300) -> str:
+    """Validation Dice per epoch, one line per recipe."""
+    colours = ["#3b7dd8", "#d8453b", "#2e9e4f", "#b06ad8", "#d89a3b", "#555555"]
+    epochs = max(len(v) for v in runs.values())
+    x = lambda e: 45 + (width - 160) * (e - 1) / max(epochs - 1, 1)  # noqa: E731
+    y = lambda d: height - 30 - (height - 50) * d  # noqa: E731
+    parts = [f'<line x1="45" y1="{y(t):.0f}" x2="{width - 115}" y2="{y(t):.0f}" stroke="#ddd"/>'
+             f'<text x="5" y="{y(t) + 4:.0f}" font-size="11">{t:.1f}</text>' for t in np.linspace(0, 1, 6)]
+    parts += [f'<text x="{x(e):.0f}" y="{height - 12}" font-size="11" text-anchor="middle">{e}</text>'
+              for e in range(0, epochs + 1, 10) if e]
+    for i, (name, rows) in enumerate(sorted(runs.items())):
+        pts = " ".join(f"{x(r['epoch']):.1f},{y(r['val_mean_dice']):.1f}" for r in rows)
+        c = colours[i % len(colours)]
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1.5"/>')
+        parts.append(f'<text x="{width - 110}" y="{30 + 16 * i}" font-size="12" fill="{c}">{name}</text>')
+    parts.append(f'<text x="{width / 2 - 60:.0f}" y="{height - 0}" font-size="11">epoch</text>'
+                 '<text x="45" y="14" font-size="12">validation Dice (per image, threshold 0.5)</text>')
+    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 4}" font-family="sans-serif">{"".join(parts)}</svg>\n'
+
+
+def examples_png(dataset_dir: Path, path: Path, count: int = 4) -> None:
+    """Image | ground truth | prediction for evenly spaced `valid` cases, like the poster's figure 5."""
+    from PIL import Image, ImageDraw
+
+    from tumorseg.predict import Predictor
+
+    items = json.loads((dataset_dir / "datalist.json").read_text())["validation"]
+    picks = [items[i] for i in np.linspace(0, len(items) - 1, count).astype(int)]
+    predictor = Predictor()
+    size, rows = 256, []
+    for item in picks:
+        image = np.asarray(Image.open(dataset_dir / item["image"]).convert("L"), dtype=np.float32)
+        label = np.asarray(Image.open(dataset_dir / item["label"])) > 0
+        mask, _ = predictor.predict_volume(image)
+        tiles = [image / max(image.max(), 1) * 255, label * 255.0, mask * 255.0]
+        rows.append([Image.fromarray(t.astype(np.uint8)).resize((size, size)) for t in tiles])
+    canvas = Image.new("L", (3 * size, count * size + 18), 0)
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(("image", "ground truth", "prediction")):
+        draw.text((c * size + 5, 3), title, fill=255)
+    for r, tiles in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            canvas.paste(tile, (c * size, 18 + r * size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, optimize=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset_dir", type=Path, required=True, help="output of python -m data_tools on the full download")
+    ap.add_argument("--tracking_dir", type=Path, default=REPO / "mlflow")
+    ap.add_argument("--work_dir", type=Path, default=REPO / "runs" / "model_card")
+    args = ap.parse_args()
+    dataset_dir, tracking_dir = args.dataset_dir.resolve(), args.tracking_dir.resolve()
+
+    for results in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
+        subprocess.run([sys.executable, str(REPO / "experiments" / "import_runs.py"), str(results), "--tracking_dir",
+                        str(tracking_dir), "--checkpoint", f"default={BUNDLE / 'models' / 'model.pt'}"], check=True)
+
+    summaries = {}
+    for name, (tta, box_fit) in SETTINGS.items():
+        summaries[name] = evaluate(dataset_dir, args.work_dir / name, tta, box_fit, tracking_dir)
+        print(f"evaluated {name}: per-image Dice {summaries[name]['per_image']['dice']['mean']:.4f}", flush=True)
+    chosen = list(SETTINGS)[-1]
+    best = summaries[chosen]
+
+    runs = {}
+    for metrics in sorted(RESULTS.glob("*/*/metrics.jsonl")):
+        runs[metrics.parent.name] = [json.loads(line) for line in metrics.read_text().splitlines()]
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    (FIGURES / "training_curves.svg").write_text(curves_svg(runs))
+    examples_png(dataset_dir, FIGURES / "valid_examples.png")
+    (FIGURES / "valid_cases.png").write_bytes((args.work_dir / chosen / "cases.png").read_bytes())
+    (BUNDLE / "docs" / "eval_valid.json").write_text(json.dumps(summaries, indent=1) + "\n")
+
+    eval_metrics = {f"valid_per_image_{k}": round(v["mean"], 4) for k, v in best["per_image"].items()}
+    eval_metrics.update({f"valid_global_{k}": round(v, 4) for k, v in best["global"].items()})
+    eval_metrics.update({f"valid_poster_{k}": round(v, 4) for k, v in best["poster"].items()})
+    meta_path = BUNDLE / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["eval_metrics"] = eval_metrics
+    meta_path.write_text(json.dumps(meta, indent=4) + "\n")
+
+    print("\n| recipe | epochs | best val Dice (epoch) | last val Dice |\n|---|---|---|---|")
+    for name, rows in sorted(runs.items()):
+        dice = [r["val_mean_dice"] for r in rows]
+        print(f"| {name} | {len(rows)} | {max(dice):.4f} ({1 + int(np.argmax(dice))}) | {dice[-1]:.4f} |")
+    print("\n| inference setting | per-image Dice | IoU | precision | recall | HD95 px | global Dice |\n|---|---|---|---|---|---|---|")
+    for name, s in summaries.items():
+        p = s["per_image"]
+        print(f"| {name} | {p['dice']['mean']:.4f} | {p['iou']['mean']:.4f} | {p['precision']['mean']:.4f} | "
+              f"{p['recall']['mean']:.4f} | {p['hd95']['mean']:.2f} | {s['global']['dice']:.4f} |")
+    print("\n| poster metric (valid, default setting) | ours | poster (test) |\n|---|---|---|")
+    for key, value in best["poster"].items():
+        print(f"| {key} | {value:.4f} | {POSTER.get('poster_' + key, '')} |")
+    print(f"| per-image tumour Dice | {best['per_image']['dice']['mean']:.4f} | {POSTER['dice']} |")
+    print(f"\nfigures in {FIGURES}, metadata eval_metrics updated")
+
+
+if __name__ == "__main__":
+    main()
