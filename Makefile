@@ -17,7 +17,7 @@ EVAL_CONFIGS  := "['$(BUNDLE)/configs/train.yaml','$(SETTINGS)','$(BUNDLE)/confi
 RUN_ARGS := --dataset_dir $(RUN)/dataset --ckpt_dir $(RUN)/models --output_dir $(RUN)/eval \
             --tracking configs/mlflow.json --tracking_dir $(TRACKING_DIR)
 
-.PHONY: setup demo test mlflow-ui clean monailabel-venv monailabel-app monailabel-serve
+.PHONY: setup demo test mlflow-ui clean monailabel-venv monailabel-app monailabel-serve model-card
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,13 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The model card's figures from the shipped weights, on the full Kaggle download:
+#   make model-card KAGGLE=<folder with train/ and valid/ COCO splits>
+KAGGLE ?= ../shared/data/brain-tumor-coco
+model-card: setup
+	$(BIN)/tumorseg-convert $(KAGGLE) runs/kaggle-full
+	$(BIN)/python experiments/model_card.py --dataset_dir runs/kaggle-full --tracking_dir $(TRACKING_DIR)
 
 mlflow-ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(TRACKING_DIR))/mlruns.db --host 127.0.0.1 --port 5000 --workers 1
