@@ -3,7 +3,8 @@ volume, with and without flip TTA, on this machine's device.
 
     python benchmarks/inference.py --checkpoint bundles/brain_tumor_mri_seg/models/model.pt
 
-Speed, not correctness: the weights only need to match the bundle's network.
+Speed, not correctness: the weights only need to match the bundle's network. ``inference_rows``
+(sliding window against a plain forward, and a random volume's latency) is used by run_all.py.
 """
 
 from __future__ import annotations
@@ -22,6 +23,47 @@ def timed(fn, repeat: int) -> float:
     for _ in range(repeat):
         fn()
     return (time.perf_counter() - start) / repeat
+
+
+def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: float,
+                   volume_shape=(197, 233, 189)) -> list:
+    """Slices/s of the SlidingWindowInferer configured in inference.yaml against a bare forward
+    of the same network on the same image_size square slice; the configured inferer as a whole
+    (flip TTA around the window, when inference.yaml enables it); and the latency of a random
+    volume through tumorseg-predict's whole path (zoom, inferer, threshold, zoom back)."""
+    from common import Row, seconds_per_call
+    from tumorseg.predict import Predictor
+
+    predictor = Predictor(checkpoint=checkpoint, overrides={"image_size": image_size})
+    device, network, configured = predictor.device, predictor.network, predictor.inferer
+    window = getattr(configured, "inferer", configured)  # the SlidingWindowInferer inside FlipTTAInferer
+    slice_ = torch.rand(1, 1, image_size, image_size, device=device)
+
+    def per_s(fn):
+        with torch.no_grad():
+            return 1 / seconds_per_call(fn, device, min_calls=repeat, min_seconds=min_seconds)
+
+    forward = per_s(lambda: network(slice_))
+    sliding = per_s(lambda: window(slice_, network))
+    rows = [
+        Row("inference", f"plain forward, 1 slice {image_size}x{image_size}", forward, "slices/s", 1.0, "no_grad, fp32"),
+        Row("inference", "SlidingWindowInferer (inference.yaml)", sliding, "slices/s", sliding / forward,
+            f"÷ plain forward; roi {getattr(window, 'roi_size', '?')}, overlap {getattr(window, 'overlap', '?')}, "
+            f"sw_batch {getattr(window, 'sw_batch_size', '?')}"),
+    ]
+    if configured is not window and predictor.tta:
+        whole = per_s(lambda: configured(slice_, network))
+        rows.append(Row("inference", "configured inferer: flip TTA + sliding window", whole, "slices/s", whole / forward,
+                        f"÷ plain forward; {len(configured.flips)} views (inference.yaml tta: true)"))
+    volume = np.random.default_rng(0).random(volume_shape, dtype=np.float32)
+    predictor.predict_volume(volume[..., :2])  # warm-up
+    start = time.perf_counter()
+    predictor.predict_volume(volume, axis=2)
+    seconds = time.perf_counter() - start
+    rows.append(Row("inference", f"random volume {'x'.join(map(str, volume_shape))}, tumorseg-predict", seconds,
+                    "s / volume", None, f"{volume_shape[-1] / seconds:.1f} slices/s; TTA {'on' if predictor.tta else 'off'}, "
+                    f"box fit {'on' if predictor.box_fit else 'off'} (config defaults)"))
+    return rows
 
 
 def main() -> None:

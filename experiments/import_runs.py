@@ -59,7 +59,8 @@ def main() -> None:
     args.tracking_dir.mkdir(parents=True, exist_ok=True)
     client = mlflow.MlflowClient(path_to_sqlite_uri(str(args.tracking_dir.resolve() / "mlruns.db")))
     experiment = client.get_experiment_by_name(args.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(args.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        args.experiment, artifact_location=(args.tracking_dir.resolve() / "mlruns").as_uri())  # as configs/mlflow.json
 
     for run_dir in sorted(p.parent for p in args.results.glob("*/recipe.json")):
         record = json.loads((run_dir / "recipe.json").read_text())

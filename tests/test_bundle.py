@@ -92,6 +92,7 @@ def test_evaluate_on_cases_with_known_answers(tmp_path):
         "-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"), "--dataset_dir", str(tmp_path),
         "--network_def", "$torch.nn.Identity()", "--checkpoint", str(tmp_path / "identity.pt"),
         "--threshold", "0.6", "--image_size", str(size), "--output_dir", str(tmp_path / "eval"), "--num_workers", "0",
+        "--tta", "false", "--box_fit", "false",  # plain thresholding: the answers are known
     ))
     report = tmp_path / "eval" / "evaluate_test"
     import csv

@@ -89,7 +89,8 @@ class MetricsLog:
         self.path = Path(path)
         self.validator = validator
         self.optimizer = optimizer
-        self._losses: list[float] = []
+        self._loss_sum = None  # kept on the device: no GPU sync per iteration
+        self._steps = 0
         self._start = 0.0
 
     def attach(self, engine: Engine) -> None:
@@ -102,17 +103,18 @@ class MetricsLog:
 
     def _iteration(self, engine: Engine) -> None:
         out = engine.state.output
-        loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
-        self._losses.append(float(loss))
+        loss = (out[0]["loss"] if isinstance(out, list) else out["loss"]).detach()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._steps += 1
 
     def _epoch(self, engine: Engine) -> None:
         record = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
                   "time_s": round(time.perf_counter() - self._start, 3)}
         if self.optimizer is not None:
             record["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        if self._losses:
-            record["train_loss"] = float(np.mean(self._losses))
-        self._losses = []
+        if self._steps:
+            record["train_loss"] = float(self._loss_sum) / self._steps
+        self._loss_sum, self._steps = None, 0
         if self.validator is not None and self.validator.state.epoch == engine.state.epoch:
             record.update({k: float(v) for k, v in self.validator.state.metrics.items() if np.isscalar(v)})
         if not _is_rank0():
