@@ -17,7 +17,7 @@ def test_run_parameters_describe_config_code_and_machine(trained):
     assert params["config.learning_rate"] == "0.001"
     assert params["config.train.dataloader.batch_size"] == "8"  # a reference, shown as its value
     assert params["config.network_def._target_"] == "UNet"
-    assert params["config.train.augmentation.2.rotate_range"] == "0.26"
+    assert params["config.train.augmentation.2.scale_range"] == "0.15"
     import monai
 
     assert params["code.monai_version"] == monai.__version__ and params["code.tumorseg_version"] == "0.1.0"

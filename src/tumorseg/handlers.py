@@ -103,7 +103,8 @@ class MetricsLog:
 
     def _iteration(self, engine: Engine) -> None:
         out = engine.state.output
-        loss = (out[0]["loss"] if isinstance(out, list) else out["loss"]).detach()
+        loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
+        loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)  # a tracker may have made it a float
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._steps += 1
 
