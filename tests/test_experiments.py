@@ -1,0 +1,41 @@
+"""The recipe runs behind the model card become MLflow runs that carry their evidence."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import BUNDLE, REPO, check, run_cli
+
+RESULTS = REPO / "experiments" / "results" / "h100-2026-11-26"
+
+
+def test_recipe_runs_import_into_mlflow_with_params_curves_and_the_shipped_checkpoint(tmp_path):
+    import mlflow
+
+    weights = BUNDLE / "models" / "model.pt"
+    args = ["experiments/import_runs.py", str(RESULTS), "--tracking_dir", str(tmp_path), "--checkpoint", f"default={weights}"]
+    first = check(run_cli(*args))
+    assert first.stdout.count("best val Dice") == 5
+    assert check(run_cli(*args)).stdout.count("already imported") == 5  # idempotent
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    experiment = client.get_experiment_by_name("brain_tumor_mri_seg")
+    assert experiment.artifact_location.startswith((tmp_path / "mlruns").as_uri())  # beside the store, not in the cwd
+    runs = {r.data.tags["recipe"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"default", "rotate_aug", "wide", "dynunet_ds", "dice_only"}
+
+    default = runs["default"]
+    epochs = [json.loads(line) for line in (RESULTS / "default" / "metrics.jsonl").read_text().splitlines()]
+    history = client.get_metric_history(default.info.run_id, "val_mean_dice")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, len(epochs) + 1))
+    assert max(m.value for m in history) == max(e["val_mean_dice"] for e in epochs)
+    assert default.data.params["learning_rate"] == "0.001" and default.data.params["network_channels"] == "[16, 32, 64, 128, 256]"
+    assert runs["wide"].data.params["network_channels"] == "[24, 48, 96, 192, 384]"
+    assert runs["dice_only"].data.params["loss_w_focal"] == "0.0"
+    assert runs["dynunet_ds"].info.status == "KILLED" and default.info.status == "FINISHED"
+
+    from tumorseg.tracking import file_digest
+
+    assert default.data.tags["checkpoint_sha256"] == file_digest(weights, None)  # evaluate runs of it nest here
+    artifacts = {a.path for a in client.list_artifacts(default.info.run_id, "model")}
+    assert artifacts == {"model/model.pt"}
