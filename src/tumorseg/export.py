@@ -4,15 +4,17 @@ The repository keeps one definition of everything shared (network, preprocessing
 ``train.yaml`` and layers ``inference.yaml`` on it. MONAI Label reads a single
 ``configs/inference.json``, so the export writes that file flattened from the two, with the
 top-level ids MONAI Label's ``BundleInferTask`` looks for (``network_def``, ``preprocessing``,
-``inferer``, ``postprocessing``, ``device``, ``bundle_root``) and only MONAI components in it.
-``train.yaml`` goes along for MONAI Label's ``BundleTrainTask``, with the package's own code
-(the loss, the handlers) copied under ``scripts/tumorseg`` where it points.
+``inferer``, ``postprocessing``, ``device``, ``bundle_root``). Its components are MONAI's, plus
+the package's own flip TTA inferer and box fit, which it reaches, like ``train.yaml`` (for MONAI
+Label's ``BundleTrainTask``), through the copy of the package under ``scripts/tumorseg`` (MONAI
+puts a bundle's root on ``sys.path``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import zipfile
@@ -24,7 +26,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # what inference needs from the merged config; training-only ids stay out
 INFERENCE_IDS = (
     "image_key", "label_key", "pred_key", "image_size", "channels", "strides", "num_res_units", "dropout",
-    "threshold", "amp", "device", "network_def", "preprocessing", "postprocessing", "infer", "workflow",
+    "threshold", "tta", "box_fit", "tta_enabled", "box_fit_enabled", "amp", "device", "network_def", "preprocessing",
+    "postprocessing", "infer", "workflow",
     "input_dir", "input_files", "output_dir",
 )
 
@@ -62,10 +65,11 @@ def flattened_inference_config(bundle: Path = BUNDLE, overrides: dict | None = N
     config["initialize"] = []
     config["run"] = merged["run"]
     config["inference"] = "@run"
-    text = json.dumps(config)
-    if "tumorseg" in text:
-        raise RuntimeError("the flattened inference config still refers to the tumorseg package")
-    return config
+    text = json.dumps(config).replace('"$import tumorseg"', '"$import scripts.tumorseg as tumorseg"')
+    text = re.sub(r'"_target_": "tumorseg\.', '"_target_": "scripts.tumorseg.', text)
+    if re.search(r"(?<!scripts\.)(?<!as )tumorseg\b", text):
+        raise RuntimeError("the flattened inference config still refers to the installed tumorseg package")
+    return json.loads(text)
 
 
 def export(
