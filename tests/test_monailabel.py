@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +32,10 @@ def test_monai_label_infer_equals_the_bundle_inference(trained, tmp_path):
     sets = [a for k, v in NET.items() for a in ("--set", f"{k.lstrip('-')}={v.replace(' ', '')}")]
     check(run_cli("-m", "tumorseg.export", str(app / "model"), "--checkpoint", str(trained / "models" / "model.pt"), *sets))
     bundle = app / "model" / "brain_tumor_mri_seg"
-    assert "tumorseg" not in (bundle / "configs" / "inference.json").read_text()
+    text = (bundle / "configs" / "inference.json").read_text()
+    # the package's TTA inferer and box fit come from the bundle's own copy, never the installed package
+    assert "scripts.tumorseg.inferers.FlipTTAInferer" in text and "scripts.tumorseg.transforms.ExpectedDiceBoxd" in text
+    assert not re.search(r"(?<!scripts\.)(?<!as )tumorseg\b", text)
 
     image = sorted((REPO / "data" / "brain-tumor-coco-sample" / "test").glob("*.jpg"))[0]
     studies.mkdir()
