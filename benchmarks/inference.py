@@ -17,14 +17,6 @@ import numpy as np
 import torch
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat
-
-
 def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: float,
                    volume_shape=(197, 233, 189)) -> list:
     """Slices/s of the SlidingWindowInferer configured in inference.yaml against a bare forward
@@ -67,6 +59,7 @@ def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: 
 
 
 def main() -> None:
+    from common import seconds_per_call
     from tumorseg.predict import Predictor
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,9 +74,9 @@ def main() -> None:
     print(f"{'case':34s} {'TTA':>4s} {'seconds':>9s}")
     for tta in (False, True):
         predictor = Predictor(checkpoint=args.checkpoint, tta=tta)
-        t = timed(lambda: predictor.predict_volume(slice_), args.repeat)
+        t = seconds_per_call(lambda: predictor.predict_volume(slice_), predictor.device, warmup=1, min_calls=args.repeat)
         print(f"{'one 256x256 slice':34s} {'on' if tta else 'off':>4s} {t:9.4f}")
-        t = timed(lambda: predictor.predict_volume(volume, axis=2), 1)
+        t = seconds_per_call(lambda: predictor.predict_volume(volume, axis=2), predictor.device, warmup=1, min_calls=1)
         print(f"{'MNI152 197x233x189 (189 slices)':34s} {'on' if tta else 'off':>4s} {t:9.2f}")
 
 

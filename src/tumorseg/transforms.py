@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
+from monai.utils import convert_data_type, convert_to_dst_type
 
 __all__ = ["ExpectedDiceBox", "ExpectedDiceBoxd"]
 
@@ -68,15 +69,11 @@ class ExpectedDiceBox(Transform):
         return best_mask
 
     def __call__(self, img):
-        arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        arr = convert_data_type(img, np.ndarray)[0]
         if arr.ndim != 3:
             raise ValueError(f"expected a channel-first 2D probability map (C, H, W), got shape {arr.shape}.")
-        out = np.stack([self.box(channel.astype(np.float32)) for channel in arr]).astype(arr.dtype)
-        if isinstance(img, torch.Tensor):
-            result = img.clone() if hasattr(img, "meta") else torch.empty_like(img)
-            result.copy_(torch.as_tensor(out))
-            return result
-        return out
+        out = np.stack([self.box(channel.astype(np.float32)) for channel in arr])
+        return convert_to_dst_type(out, dst=img, dtype=arr.dtype)[0]
 
 
 class ExpectedDiceBoxd(MapTransform):
