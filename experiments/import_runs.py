@@ -49,18 +49,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", action="append", default=[], metavar="RECIPE=PATH")
     args = ap.parse_args()
 
-    import mlflow
-    from mlflow.entities import Metric, Param, RunTag
-    from monai.utils import path_to_sqlite_uri
+    from mlflow.entities import Metric, Param
 
-    from tumorseg.tracking import file_digest
+    from tumorseg.tracking import file_digest, open_store
 
     checkpoints = dict(kv.split("=", 1) for kv in args.checkpoint)
-    args.tracking_dir.mkdir(parents=True, exist_ok=True)
-    client = mlflow.MlflowClient(path_to_sqlite_uri(str(args.tracking_dir.resolve() / "mlruns.db")))
-    experiment = client.get_experiment_by_name(args.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        args.experiment, artifact_location=(args.tracking_dir.resolve() / "mlruns").as_uri())  # as configs/mlflow.json
+    client, experiment_id = open_store(args.tracking_dir, args.experiment)
 
     for run_dir in sorted(p.parent for p in args.results.glob("*/recipe.json")):
         record = json.loads((run_dir / "recipe.json").read_text())

@@ -39,3 +39,25 @@ def test_recipe_runs_import_into_mlflow_with_params_curves_and_the_shipped_check
     assert default.data.tags["checkpoint_sha256"] == file_digest(weights, None)  # evaluate runs of it nest here
     artifacts = {a.path for a in client.list_artifacts(default.info.run_id, "model")}
     assert artifacts == {"model/model.pt"}
+
+
+def test_postprocessing_table_is_one_mlflow_run_nested_under_the_weights_training_run(converted_sample, tmp_path):
+    import mlflow
+
+    weights = BUNDLE / "models" / "model.pt"
+    check(run_cli("experiments/import_runs.py", str(RESULTS), "--tracking_dir", str(tmp_path), "--checkpoint", f"default={weights}"))
+    result = check(run_cli("experiments/postprocessing.py", "--dataset_dir", str(converted_sample), "--split", "validation",
+                           "--tracking_dir", str(tmp_path)))
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| True") or line.startswith("| False")]
+    rules = {(r[0].strip("| "), r[1]) for r in rows}
+    assert ("True", "expected_dice_box") in rules and ("False", "largest_component_bbox") in rules and len(rows) == 2 * 11
+    assert "category 1: " in result.stdout and "category 2: " in result.stdout  # read from the COCO json beside the images
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    experiment = client.get_experiment_by_name("brain_tumor_mri_seg")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.workflow = 'postprocessing'")
+    (train,) = client.search_runs([experiment.experiment_id], "tags.recipe = 'default'")
+    assert run.info.run_name == "postprocessing_validation" and run.data.tags["mlflow.parentRunId"] == train.info.run_id
+    dice = run.data.metrics["tta_expected_dice_box.dice"]
+    assert 0.0 < dice <= 1.0 and f"{dice:.4f}" in result.stdout  # the table printed is the one logged
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"postprocessing.md", "postprocessing.json"}

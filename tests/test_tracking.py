@@ -89,3 +89,26 @@ def test_inference_run_is_tracked_and_linked(trained, evaluated, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.parentRunId"] == train_run.info.run_id
     assert run.data.params["config.input_dir"].endswith("valid")
+
+
+def test_runs_started_side_by_side_into_a_fresh_store_all_succeed(tmp_path):
+    """MLflow creates its tables on first use; without the lock 3 of 4 such processes fail."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tumorseg.tracking import MLflowTracker; from monai.utils import path_to_sqlite_uri; "
+            "t = MLflowTracker(tracking_uri=path_to_sqlite_uri(sys.argv[1] + '/mlruns.db'), experiment_name='side_by_side', "
+            "run_name='run_' + sys.argv[2]); from ignite.engine import Engine; t.start(Engine(lambda e, b: None)); "
+            "t.client.set_terminated(t.cur_run.info.run_id)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(i)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-1500:] for e in errors)
+    client, _ = mlflow_store(tmp_path, "side_by_side")
+    assert len(client.search_runs([client.get_experiment_by_name("side_by_side").experiment_id])) == 4
+
+
+def mlflow_store(tracking_dir, experiment):
+    from tumorseg.tracking import open_store
+
+    return open_store(tracking_dir, experiment)

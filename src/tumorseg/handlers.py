@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
@@ -39,14 +40,24 @@ def register_file(engine: Engine, path: str | Path, artifact_path: str | None = 
 
 
 class _AtomicSaver(DiskSaver):
-    """Ignite's atomic disk saver (temporary file, then rename) with MONAI's fixed file names."""
+    """Ignite's atomic disk saver (temporary file, then rename) with MONAI's fixed file names.
 
-    def __init__(self, dirname: str, filename: str | None = None):
+    With ``keep_only_newest`` every other ``*.pt`` in the folder is removed after a save: ignite
+    counts ``n_saved`` only over the files of its own process, so a resumed run would otherwise
+    keep the interrupted run's last checkpoint forever."""
+
+    def __init__(self, dirname: str, filename: str | None = None, keep_only_newest: bool = False):
         super().__init__(dirname=dirname, require_empty=False, atomic=True)
         self.filename = filename
+        self.keep_only_newest = keep_only_newest
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
-        super().__call__(checkpoint, self.filename or filename, metadata)
+        name = self.filename or filename
+        super().__call__(checkpoint, name, metadata)
+        if self.keep_only_newest and idist.get_rank() == 0:  # the rank that saved
+            for stale in Path(self.dirname).glob("*.pt"):
+                if stale.name != name:
+                    stale.unlink(missing_ok=True)
 
     def remove(self, filename: str) -> None:
         if self.filename is None:  # a fixed name is replaced by the rename: never delete it first
@@ -61,13 +72,15 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def __init__(self, save_dir: str, **kwargs) -> None:
         super().__init__(save_dir, **kwargs)
-        for checkpoint, filename in (
-            (getattr(self, "_final_checkpoint", None), kwargs.get("final_filename")),
-            (getattr(self, "_key_metric_checkpoint", None), kwargs.get("key_metric_filename")),
-            (getattr(self, "_interval_checkpoint", None), None),
+        # the interval checkpoint alone in its folder (as train.yaml's ckpt_dir/last) keeps one file
+        only_interval = not (kwargs.get("save_final") or kwargs.get("save_key_metric"))
+        for checkpoint, filename, keep_only_newest in (
+            (getattr(self, "_final_checkpoint", None), kwargs.get("final_filename"), False),
+            (getattr(self, "_key_metric_checkpoint", None), kwargs.get("key_metric_filename"), False),
+            (getattr(self, "_interval_checkpoint", None), None, only_interval and kwargs.get("n_saved") == 1),
         ):
             if checkpoint is not None:
-                checkpoint.save_handler = _AtomicSaver(save_dir, filename)
+                checkpoint.save_handler = _AtomicSaver(save_dir, filename, keep_only_newest)
 
 
 class MetricsLog:

@@ -14,12 +14,13 @@ import platform
 import re
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
-__all__ = ["MLflowTracker", "file_digest", "flatten_config", "run_name", "environment_params"]
+__all__ = ["MLflowTracker", "file_digest", "flatten_config", "run_name", "environment_params", "store_lock", "open_store"]
 
 MAX_PARAM_VALUE = 500  # long expressions are cut: a parameter is for reading, the config file is an artifact
 
@@ -100,6 +101,43 @@ def environment_params(device=None) -> dict[str, str]:
     }
 
 
+@contextmanager
+def store_lock(tracking_uri: str | None = None):
+    """Hold a file lock beside a local SQLite store (``<db>.lock``) for the duration.
+
+    MLflow creates its tables when a client first opens a new store, and MONAI creates the
+    experiment on first use; processes doing either at the same moment (runs started side by
+    side into a fresh ``mlflow/``) fail with "table already exists". ``MLFLOW_TRACKING_URI``
+    takes priority over ``tracking_uri`` (as in MONAI); other backends need no lock.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri or ""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock  # a dependency of torch
+
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock"):
+        yield
+
+
+def open_store(tracking_dir: str | Path, experiment: str = "brain_tumor_mri_seg"):
+    """``(MlflowClient, experiment_id)`` of the store ``<tracking_dir>/mlruns.db``, creating the
+    experiment with its artifacts beside the store (as ``configs/mlflow.json`` does)."""
+    import mlflow
+    from monai.utils import path_to_sqlite_uri
+
+    root = Path(tracking_dir).resolve()
+    uri = path_to_sqlite_uri(str(root / "mlruns.db"))
+    with store_lock(uri):
+        client = mlflow.MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=(root / "mlruns").as_uri())
+    return client, experiment_id
+
+
 def _joined(path: str) -> str:
     # MONAI's patch_bundle_tracking builds save_execute_config by appending " + '/config_….json'"
     # to the raw output_dir; when output_dir was overridden with a plain path (no "$") that stays
@@ -147,7 +185,9 @@ class MLflowTracker(MLFlowHandler):
         run_record: str | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        self.store_uri = kwargs.get("tracking_uri")
+        with store_lock(self.store_uri):  # MLflow opens (and may create) the store here
+            super().__init__(**kwargs)
         self.run_record = run_record
         self.tags = {k: str(v) for k, v in (tags or {}).items()}
         self.config_file = _joined(config_file) if config_file else None
@@ -159,7 +199,8 @@ class MLflowTracker(MLFlowHandler):
 
     def start(self, engine: Engine) -> None:
         new_run = self.cur_run is None
-        super().start(engine)
+        with store_lock(self.store_uri):  # the experiment may be created here
+            super().start(engine)
         if not new_run:
             return
         run_id = self.cur_run.info.run_id

@@ -1,0 +1,176 @@
+"""Measure the post-processing choices on one split with the shipped weights: one MLflow run.
+
+    python experiments/postprocessing.py --dataset_dir <converted Kaggle download> \
+        [--split validation] [--tracking_dir mlflow] [--checkpoint <model.pt>]
+
+The network runs once per slice, with and without flip TTA (the bundle's preprocessing,
+network and ``tumorseg.inferers.FlipTTAInferer``); every rule below then turns the same
+probabilities into a mask, and each is scored by per-image tumour Dice and IoU at network
+resolution (what ``evaluate`` reports):
+
+- ``threshold_<t>``: ``p > t``;
+- ``largest_component``: MONAI's ``KeepLargestConnectedComponent`` after ``p > 0.5``;
+- ``largest_component_bbox``: the bounding box of that component (the labels are boxes);
+- ``expected_dice_box``: ``tumorseg.transforms.ExpectedDiceBox`` (the bundle's ``box_fit``);
+- ``expected_dice_box_x<f>``: that box with its sides scaled by ``f`` about its centre, a probe
+  of whether the boxes have a systematic size error.
+
+Slices are also split by the annotation's COCO category (read from the
+``_annotations.coco.json`` beside the source images), since the two kinds of box differ.
+The run (name ``postprocessing_<split>``) carries the checkpoint's SHA-256, so the UI nests it
+under the training run of those weights; the table is also printed and logged as an artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+BOX_SCALES = (0.9, 0.95, 1.05)
+
+
+def probabilities(dataset_dir: Path, split: str, checkpoint: Path) -> tuple[dict, np.ndarray, list[str]]:
+    """Sigmoid maps (N, H, W) without and with flip TTA, binary labels, and source image paths."""
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.data import DataLoader, Dataset, load_decathlon_datalist
+    from monai.inferers import SimpleInferer
+    from monai.transforms import Compose
+
+    from tumorseg.inferers import FlipTTAInferer
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
+    items = load_decathlon_datalist(str(dataset_dir / "datalist.json"), data_list_key=split, base_dir=str(dataset_dir))
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    network.eval()
+    inferers = {"plain": SimpleInferer(), "tta": FlipTTAInferer(SimpleInferer())}
+    loader = DataLoader(Dataset(items, Compose(parser.get_parsed_content("preprocessing"))), batch_size=16, num_workers=2)
+    probs, labels, sources = {k: [] for k in inferers}, [], []
+    with torch.no_grad():
+        for batch in loader:
+            for name, inferer in inferers.items():
+                probs[name].append(torch.sigmoid(inferer(batch["image"], network))[:, 0].numpy())
+            labels.append(batch["label"][:, 0].numpy() > 0.5)
+            sources += list(batch["image"].meta["filename_or_obj"])
+            print(f"\r{len(sources)}/{len(items)} slices", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return {k: np.concatenate(v) for k, v in probs.items()}, np.concatenate(labels), sources
+
+
+def categories(sources: list[str]) -> list[int]:
+    """The COCO category of each slice's annotation (0 where it has none)."""
+    found, tables = [], {}
+    for source in map(Path, sources):
+        if source.parent not in tables:
+            coco = json.loads((source.parent / "_annotations.coco.json").read_text())
+            names = {im["id"]: im["file_name"] for im in coco["images"]}
+            tables[source.parent] = {names[a["image_id"]]: a["category_id"] for a in coco["annotations"]}
+        found.append(tables[source.parent].get(source.name, 0))
+    return found
+
+
+def rules() -> dict:
+    """Name -> function from one (H, W) probability map to a boolean mask."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    from tumorseg.transforms import ExpectedDiceBox
+
+    largest = KeepLargestConnectedComponent(applied_labels=[1], connectivity=2)
+    box_fit = ExpectedDiceBox()
+
+    def largest_component(p):
+        return np.asarray(largest((p > 0.5)[None].astype(np.uint8))[0]) > 0
+
+    def bounding_box(mask):
+        out = np.zeros_like(mask)
+        if mask.any():
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            out[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = True
+        return out
+
+    def scaled(mask, factor):
+        out = np.zeros_like(mask)
+        if mask.any():
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            (r0, r1), (c0, c1) = (rows[0], rows[-1] + 1), (cols[0], cols[-1] + 1)
+            h, w = (r1 - r0) * factor / 2, (c1 - c0) * factor / 2
+            rc, cc = (r0 + r1) / 2, (c0 + c1) / 2
+            out[max(0, round(rc - h)) : round(rc + h), max(0, round(cc - w)) : round(cc + w)] = True
+        return out
+
+    table = {f"threshold_{t}": (lambda p, t=t: p > t) for t in THRESHOLDS}
+    table["largest_component"] = largest_component
+    table["largest_component_bbox"] = lambda p: bounding_box(largest_component(p))
+    table["expected_dice_box"] = box_fit.box
+    table.update({f"expected_dice_box_x{f}": (lambda p, f=f: scaled(box_fit.box(p), f)) for f in BOX_SCALES})
+    return table
+
+
+def dice_iou(pred: np.ndarray, label: np.ndarray) -> tuple[float, float]:
+    inter, total = float((pred & label).sum()), float(pred.sum() + label.sum())
+    if total == 0:  # nothing to find and nothing found
+        return 1.0, 1.0
+    return 2 * inter / total, inter / (total - inter)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset_dir", type=Path, required=True, help="output of python -m data_tools on the full download")
+    ap.add_argument("--split", default="validation", help="datalist key (select on validation; never on test)")
+    ap.add_argument("--checkpoint", type=Path, default=BUNDLE / "models" / "model.pt")
+    ap.add_argument("--tracking_dir", type=Path, default=REPO / "mlflow")
+    ap.add_argument("--experiment", default="brain_tumor_mri_seg")
+    args = ap.parse_args()
+
+    probs, labels, sources = probabilities(args.dataset_dir.resolve(), args.split, args.checkpoint)
+    cats = np.array(categories(sources))
+    rows = []
+    for setting, maps in probs.items():
+        for name, rule in rules().items():
+            scores = np.array([dice_iou(rule(p.astype(np.float32)), y) for p, y in zip(maps, labels)])
+            row = {"tta": setting == "tta", "rule": name, "dice": scores[:, 0].mean(), "iou": scores[:, 1].mean(),
+                   "dice_zero": float((scores[:, 0] == 0).mean())}
+            row.update({f"dice_category_{c}": scores[cats == c, 0].mean() for c in np.unique(cats)})
+            rows.append(row)
+            print(f"{setting:5s} {name:28s} Dice {row['dice']:.4f}", file=sys.stderr, flush=True)
+
+    header = ["tta", "rule", "dice", "iou", "dice_zero"] + sorted(k for k in rows[0] if k.startswith("dice_category"))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in header) + " |" for r in rows]
+    counts = ", ".join(f"category {c}: {int((cats == c).sum())} slices" for c in np.unique(cats))
+    table = f"Post-processing on `{args.split}` ({len(labels)} slices; {counts}), weights {args.checkpoint.name}\n\n" + "\n".join(lines) + "\n"
+    print(table)
+
+    from tumorseg.tracking import file_digest, open_store
+
+    client, experiment_id = open_store(args.tracking_dir, args.experiment)
+    digest = file_digest(args.checkpoint, None)
+    tags = {"workflow": "postprocessing", "bundle": "brain_tumor_mri_seg", "checkpoint_sha256": digest}
+    parent = client.search_runs([experiment_id], f"tags.checkpoint_sha256 = '{digest}' and tags.workflow = 'train'", max_results=1)
+    if parent:
+        tags["mlflow.parentRunId"] = parent[0].info.run_id
+    run = client.create_run(experiment_id, tags=tags, run_name=f"postprocessing_{args.split}")
+    for key, value in {"split": args.split, "slices": len(labels), "checkpoint": str(args.checkpoint),
+                       "thresholds": str(THRESHOLDS), "box_scales": str(BOX_SCALES)}.items():
+        client.log_param(run.info.run_id, key, str(value))
+    for r in rows:
+        prefix = ("tta_" if r["tta"] else "") + r["rule"].replace(".", "_")
+        for key in header[2:]:
+            client.log_metric(run.info.run_id, f"{prefix}.{key}", float(r[key]))
+    client.log_text(run.info.run_id, table, "postprocessing.md")
+    client.log_text(run.info.run_id, json.dumps(rows, indent=1, default=float), "postprocessing.json")
+    client.set_terminated(run.info.run_id)
+    print(f"MLflow run postprocessing_{args.split}: {run.info.run_id}")
+
+
+if __name__ == "__main__":
+    main()
