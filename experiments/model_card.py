@@ -5,7 +5,9 @@
 
 1. imports the recipe runs of experiments/results/ into MLflow (once);
 2. evaluates models/model.pt on `valid` with the bundle's evaluate config (real CLI, MLflow
-   tracked) for each inference setting: plain threshold, flip TTA, box fit, both;
+   tracked) for each inference setting: plain threshold, flip TTA, box fit, both; then measures
+   every post-processing rule on `valid` and on `train` (experiments/postprocessing.py, one
+   MLflow run per split, tables in docs/postprocessing_<split>.md);
 3. writes docs/figures/training_curves.svg (val Dice per epoch of every recipe),
    docs/figures/valid_examples.png (image | ground truth | prediction, like the poster's
    figure 5), docs/figures/valid_cases.png (worst and best cases), docs/eval_valid.json, and
@@ -48,7 +50,7 @@ def evaluate(dataset_dir: Path, out: Path, tta: bool, box_fit: bool, tracking_di
 def curves_svg(runs: dict[str, list[dict]], width: int = 560, height: int = 300) -> str:
     """Validation Dice per epoch, one line per recipe."""
     colours = ["#3b7dd8", "#d8453b", "#2e9e4f", "#b06ad8", "#d89a3b", "#555555"]
-    epochs = max(len(v) for v in runs.values())
+    epochs = max(r["epoch"] for rows in runs.values() for r in rows)
     x = lambda e: 45 + (width - 160) * (e - 1) / max(epochs - 1, 1)  # noqa: E731
     y = lambda d: height - 30 - (height - 50) * d  # noqa: E731
     parts = [f'<line x1="45" y1="{y(t):.0f}" x2="{width - 115}" y2="{y(t):.0f}" stroke="#ddd"/>'
@@ -108,12 +110,19 @@ def main() -> None:
     for name, (tta, box_fit) in SETTINGS.items():
         summaries[name] = evaluate(dataset_dir, args.work_dir / name, tta, box_fit, tracking_dir)
         print(f"evaluated {name}: per-image Dice {summaries[name]['per_image']['dice']['mean']:.4f}", flush=True)
+    for split in ("validation", "training"):
+        subprocess.run([sys.executable, str(REPO / "experiments" / "postprocessing.py"), "--dataset_dir", str(dataset_dir),
+                        "--split", split, "--tracking_dir", str(tracking_dir),
+                        "--output", str(BUNDLE / "docs" / f"postprocessing_{split}.md")], check=True)
     chosen = list(SETTINGS)[-1]
     best = summaries[chosen]
 
     runs = {}
     for metrics in sorted(RESULTS.glob("*/*/metrics.jsonl")):
-        runs[metrics.parent.name] = [json.loads(line) for line in metrics.read_text().splitlines()]
+        # a run that continued another (configs/experiments/restart.yaml) is drawn after its epochs
+        offset = json.loads((metrics.parent / "recipe.json").read_text()).get("continues_epochs", 0)
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        runs[metrics.parent.name] = [{**r, "epoch": r["epoch"] + offset} for r in rows]
     FIGURES.mkdir(parents=True, exist_ok=True)
     (FIGURES / "training_curves.svg").write_text(curves_svg(runs))
     examples_png(dataset_dir, FIGURES / "valid_examples.png")
@@ -131,7 +140,7 @@ def main() -> None:
     print("\n| recipe | epochs | best val Dice (epoch) | last val Dice |\n|---|---|---|---|")
     for name, rows in sorted(runs.items()):
         dice = [r["val_mean_dice"] for r in rows]
-        print(f"| {name} | {len(rows)} | {max(dice):.4f} ({1 + int(np.argmax(dice))}) | {dice[-1]:.4f} |")
+        print(f"| {name} | {len(rows)} | {max(dice):.4f} ({rows[int(np.argmax(dice))]['epoch']}) | {dice[-1]:.4f} |")
     print("\n| inference setting | per-image Dice | IoU | precision | recall | HD95 px | global Dice |\n|---|---|---|---|---|---|---|")
     for name, s in summaries.items():
         p = s["per_image"]

@@ -1,7 +1,7 @@
 """Measure the post-processing choices on one split with the shipped weights: one MLflow run.
 
     python experiments/postprocessing.py --dataset_dir <converted Kaggle download> \
-        [--split validation] [--tracking_dir mlflow] [--checkpoint <model.pt>]
+        [--split validation] [--tracking_dir mlflow] [--checkpoint <model.pt>] [--output table.md]
 
 The network runs once per slice, with and without flip TTA (the bundle's preprocessing,
 network and ``tumorseg.inferers.FlipTTAInferer``); every rule below then turns the same
@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=BUNDLE / "models" / "model.pt")
     ap.add_argument("--tracking_dir", type=Path, default=REPO / "mlflow")
     ap.add_argument("--experiment", default="brain_tumor_mri_seg")
+    ap.add_argument("--output", type=Path, help="also write the table to this Markdown file")
     args = ap.parse_args()
 
     probs, labels, sources = probabilities(args.dataset_dir.resolve(), args.split, args.checkpoint)
@@ -149,6 +150,8 @@ def main() -> None:
     counts = ", ".join(f"category {c}: {int((cats == c).sum())} slices" for c in np.unique(cats))
     table = f"Post-processing on `{args.split}` ({len(labels)} slices; {counts}), weights {args.checkpoint.name}\n\n" + "\n".join(lines) + "\n"
     print(table)
+    if args.output:
+        args.output.write_text(table)
 
     from tumorseg.tracking import file_digest, open_store
 

@@ -28,6 +28,7 @@ RECIPES = {  # name: override files, applied in order on train.yaml
     "wide": ["wide"],
     "dynunet_ds": ["dynunet_ds"],
     "dice_only": ["dice_only"],
+    "restart": ["restart"],  # continues from the shipped weights: a schedule probe, not from scratch
 }
 
 

@@ -140,6 +140,7 @@ def test_predict_bad_inputs(trained, tmp_path):
     for name, problem in expected.items():
         assert any(f"/{name}:" in e and problem in e for e in errors), (name, problem, errors)
     assert len(errors) == len(expected)
+    assert "3 of 17 inputs predicted" in result.stdout  # 13 cases found (3 good), 4 inputs that were none
     out = sorted(p.name for p in (tmp_path / "out").iterdir())
     stems = {"good", "alpha", "sixteen_bit"}
     assert {n.split("_seg")[0].split("_overlay")[0].split(".json")[0] for n in out} == stems  # nothing partial

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BUNDLE, SAMPLE, TRAIN, check, configs, run_cli
+from conftest import BUNDLE, SAMPLE, check, configs, run_cli
 
 WEIGHTS = BUNDLE / "models" / "model.pt"
 
