@@ -147,7 +147,8 @@ def main() -> None:
     header = ["tta", "rule", "dice", "iou", "dice_zero"] + sorted(k for k in rows[0] if k.startswith("dice_category"))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in header) + " |" for r in rows]
-    counts = ", ".join(f"category {c}: {int((cats == c).sum())} slices" for c in np.unique(cats))
+    counts = ", ".join(f"{f'category {c}' if c else 'no annotation (category 0)'}: {int((cats == c).sum())} slices"
+                       for c in np.unique(cats))
     table = f"Post-processing on `{args.split}` ({len(labels)} slices; {counts}), weights {args.checkpoint.name}\n\n" + "\n".join(lines) + "\n"
     print(table)
     if args.output:
