@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,20 @@ def categories(sources: list[str]) -> list[int]:
     return found
 
 
+def scaled_box(mask: np.ndarray, factor: float = 1.0) -> np.ndarray:
+    """The bounding box of ``mask`` (MONAI's ``generate_spatial_bounding_box``), its sides scaled
+    by ``factor`` about the centre; empty stays empty."""
+    from monai.transforms.utils import generate_spatial_bounding_box
+
+    out = np.zeros_like(mask)
+    if mask.any():
+        (r0, c0), (r1, c1) = generate_spatial_bounding_box(mask[None])
+        h, w = (r1 - r0) * factor / 2, (c1 - c0) * factor / 2
+        rc, cc = (r0 + r1) / 2, (c0 + c1) / 2
+        out[max(0, round(rc - h)) : round(rc + h), max(0, round(cc - w)) : round(cc + w)] = True
+    return out
+
+
 def rules() -> dict:
     """Name -> function from one (H, W) probability map to a boolean mask."""
     from monai.transforms import KeepLargestConnectedComponent
@@ -90,28 +105,11 @@ def rules() -> dict:
     def largest_component(p):
         return np.asarray(largest((p > 0.5)[None].astype(np.uint8))[0]) > 0
 
-    def bounding_box(mask):
-        out = np.zeros_like(mask)
-        if mask.any():
-            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-            out[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = True
-        return out
-
-    def scaled(mask, factor):
-        out = np.zeros_like(mask)
-        if mask.any():
-            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-            (r0, r1), (c0, c1) = (rows[0], rows[-1] + 1), (cols[0], cols[-1] + 1)
-            h, w = (r1 - r0) * factor / 2, (c1 - c0) * factor / 2
-            rc, cc = (r0 + r1) / 2, (c0 + c1) / 2
-            out[max(0, round(rc - h)) : round(rc + h), max(0, round(cc - w)) : round(cc + w)] = True
-        return out
-
     table = {f"threshold_{t}": (lambda p, t=t: p > t) for t in THRESHOLDS}
     table["largest_component"] = largest_component
-    table["largest_component_bbox"] = lambda p: bounding_box(largest_component(p))
+    table["largest_component_bbox"] = lambda p: scaled_box(largest_component(p))
     table["expected_dice_box"] = box_fit.box
-    table.update({f"expected_dice_box_x{f}": (lambda p, f=f: scaled(box_fit.box(p), f)) for f in BOX_SCALES})
+    table.update({f"expected_dice_box_x{f}": (lambda p, f=f: scaled_box(box_fit.box(p), f)) for f in BOX_SCALES})
     return table
 
 
@@ -134,9 +132,10 @@ def main() -> None:
 
     probs, labels, sources = probabilities(args.dataset_dir.resolve(), args.split, args.checkpoint)
     cats = np.array(categories(sources))
+    rules_by_name = rules()
     rows = []
     for setting, maps in probs.items():
-        for name, rule in rules().items():
+        for name, rule in rules_by_name.items():
             scores = np.array([dice_iou(rule(p.astype(np.float32)), y) for p, y in zip(maps, labels)])
             row = {"tta": setting == "tta", "rule": name, "dice": scores[:, 0].mean(), "iou": scores[:, 1].mean(),
                    "dice_zero": float((scores[:, 0] == 0).mean())}
@@ -154,22 +153,23 @@ def main() -> None:
     if args.output:
         args.output.write_text(table)
 
-    from tumorseg.tracking import file_digest, open_store
+    from mlflow.entities import Metric, Param
+
+    from tumorseg.tracking import file_digest, open_store, training_run_id
 
     client, experiment_id = open_store(args.tracking_dir, args.experiment)
     digest = file_digest(args.checkpoint, None)
     tags = {"workflow": "postprocessing", "bundle": "brain_tumor_mri_seg", "checkpoint_sha256": digest}
-    parent = client.search_runs([experiment_id], f"tags.checkpoint_sha256 = '{digest}' and tags.workflow = 'train'", max_results=1)
+    parent = training_run_id(client, experiment_id, digest)
     if parent:
-        tags["mlflow.parentRunId"] = parent[0].info.run_id
+        tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, tags=tags, run_name=f"postprocessing_{args.split}")
-    for key, value in {"split": args.split, "slices": len(labels), "checkpoint": str(args.checkpoint),
-                       "thresholds": str(THRESHOLDS), "box_scales": str(BOX_SCALES)}.items():
-        client.log_param(run.info.run_id, key, str(value))
-    for r in rows:
-        prefix = ("tta_" if r["tta"] else "") + r["rule"].replace(".", "_")
-        for key in header[2:]:
-            client.log_metric(run.info.run_id, f"{prefix}.{key}", float(r[key]))
+    params = {"split": args.split, "slices": len(labels), "checkpoint": str(args.checkpoint),
+              "thresholds": str(THRESHOLDS), "box_scales": str(BOX_SCALES)}
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{'tta_' if r['tta'] else ''}{r['rule'].replace('.', '_')}.{key}", float(r[key]), now, 0)
+               for r in rows for key in header[2:]]
+    client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_text(run.info.run_id, table, "postprocessing.md")
     client.log_text(run.info.run_id, json.dumps(rows, indent=1, default=float), "postprocessing.json")
     client.set_terminated(run.info.run_id)

@@ -104,11 +104,7 @@ def test_runs_started_side_by_side_into_a_fresh_store_all_succeed(tmp_path):
              for i in range(4)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-1500:] for e in errors)
-    client, _ = mlflow_store(tmp_path, "side_by_side")
-    assert len(client.search_runs([client.get_experiment_by_name("side_by_side").experiment_id])) == 4
-
-
-def mlflow_store(tracking_dir, experiment):
     from tumorseg.tracking import open_store
 
-    return open_store(tracking_dir, experiment)
+    client, experiment_id = open_store(tmp_path, "side_by_side")
+    assert len(client.search_runs([experiment_id])) == 4

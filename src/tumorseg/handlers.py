@@ -54,7 +54,7 @@ class _AtomicSaver(DiskSaver):
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
         name = self.filename or filename
         super().__call__(checkpoint, name, metadata)
-        if self.keep_only_newest and idist.get_rank() == 0:  # the rank that saved
+        if self.keep_only_newest and idist.get_rank() == self.save_on_rank:
             for stale in Path(self.dirname).glob("*.pt"):
                 if stale.name != name:
                     stale.unlink(missing_ok=True)

@@ -20,7 +20,8 @@ from pathlib import Path
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
-__all__ = ["MLflowTracker", "file_digest", "flatten_config", "run_name", "environment_params", "store_lock", "open_store"]
+__all__ = ["MLflowTracker", "file_digest", "flatten_config", "run_name", "environment_params", "store_lock", "open_store",
+           "training_run_id"]
 
 MAX_PARAM_VALUE = 500  # long expressions are cut: a parameter is for reading, the config file is an artifact
 
@@ -138,6 +139,14 @@ def open_store(tracking_dir: str | Path, experiment: str = "brain_tumor_mri_seg"
     return client, experiment_id
 
 
+def training_run_id(client, experiment_id: str, digest: str) -> str | None:
+    """The newest training run whose best checkpoint has SHA-256 ``digest`` (its
+    ``checkpoint_sha256`` tag), or None: where runs of those weights nest in the UI."""
+    found = client.search_runs([experiment_id], filter_string=f"tags.checkpoint_sha256 = '{digest}' and tags.workflow = 'train'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found else None
+
+
 def _joined(path: str) -> str:
     # MONAI's patch_bundle_tracking builds save_execute_config by appending " + '/config_….json'"
     # to the raw output_dir; when output_dir was overridden with a plain path (no "$") that stays
@@ -227,15 +236,10 @@ class MLflowTracker(MLFlowHandler):
 
     def _link_to_training_run(self, run_id: str, digest: str) -> None:
         self.client.set_tag(run_id, "checkpoint_sha256", digest)
-        found = self.client.search_runs(
-            [self.experiment.experiment_id],
-            filter_string=f"tags.checkpoint_sha256 = '{digest}' and tags.workflow = 'train'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if found:
-            self.client.set_tag(run_id, "mlflow.parentRunId", found[0].info.run_id)
-            self.client.set_tag(run_id, "trained_by_run", found[0].info.run_id)
+        parent = training_run_id(self.client, self.experiment.experiment_id, digest)
+        if parent:
+            self.client.set_tag(run_id, "mlflow.parentRunId", parent)
+            self.client.set_tag(run_id, "trained_by_run", parent)
 
     def epoch_completed(self, engine: Engine) -> None:
         super().epoch_completed(engine)
