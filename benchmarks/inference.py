@@ -24,7 +24,7 @@ def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: 
     (flip TTA around the window, when inference.yaml enables it); and the latency of a random
     volume through tumorseg-predict's whole path (zoom, inferer, threshold, zoom back)."""
     from common import Row, seconds_per_call
-    from tumorseg.predict import Predictor
+    from tumorseg.predictor import Predictor
 
     predictor = Predictor(checkpoint=checkpoint, overrides={"image_size": image_size})
     device, network, configured = predictor.device, predictor.network, predictor.inferer
@@ -60,7 +60,7 @@ def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: 
 
 def main() -> None:
     from common import seconds_per_call
-    from tumorseg.predict import Predictor
+    from tumorseg.predictor import Predictor
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, required=True)

@@ -71,7 +71,7 @@ def examples_png(dataset_dir: Path, path: Path, count: int = 4) -> None:
     """Image | ground truth | prediction for evenly spaced `valid` cases, like the poster's figure 5."""
     from PIL import Image, ImageDraw
 
-    from tumorseg.predict import Predictor
+    from tumorseg.predictor import Predictor
 
     items = json.loads((dataset_dir / "datalist.json").read_text())["validation"]
     picks = [items[i] for i in np.linspace(0, len(items) - 1, count).astype(int)]
@@ -80,7 +80,7 @@ def examples_png(dataset_dir: Path, path: Path, count: int = 4) -> None:
     for item in picks:
         image = np.asarray(Image.open(dataset_dir / item["image"]).convert("L"), dtype=np.float32)
         label = np.asarray(Image.open(dataset_dir / item["label"])) > 0
-        mask, _ = predictor.predict_volume(image)
+        mask = predictor.predict_volume(image.T)[0].T  # (x, y) as MONAI reads it, back to (rows, cols)
         tiles = [image / max(image.max(), 1) * 255, label * 255.0, mask * 255.0]
         rows.append([Image.fromarray(t.astype(np.uint8)).resize((size, size)) for t in tiles])
     canvas = Image.new("L", (3 * size, count * size + 18), 0)

@@ -29,6 +29,7 @@ RECIPES = {  # name: override files, applied in order on train.yaml
     "dynunet_ds": ["dynunet_ds"],
     "dice_only": ["dice_only"],
     "restart": ["restart"],  # continues from the shipped weights: a schedule probe, not from scratch
+    "negatives": ["restart", "negatives"],  # shipped weights fine-tuned with healthy negatives (data_tools/healthy.py)
 }
 
 

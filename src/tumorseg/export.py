@@ -26,7 +26,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # what inference needs from the merged config; training-only ids stay out
 INFERENCE_IDS = (
     "image_key", "label_key", "pred_key", "image_size", "channels", "strides", "num_res_units", "dropout",
-    "threshold", "tta", "box_fit", "tta_enabled", "box_fit_enabled", "amp", "device", "network_def", "preprocessing",
+    "threshold", "min_peak", "min_foreground", "tta", "box_fit", "tta_enabled", "box_fit_enabled", "amp", "device", "network_def", "preprocessing",
     "postprocessing", "infer", "workflow",
     "input_dir", "input_files", "output_dir",
 )
@@ -59,7 +59,7 @@ def flattened_inference_config(bundle: Path = BUNDLE, overrides: dict | None = N
         "dataset_dir": "$@bundle_root + '/sample'",
         **{k: merged[k] for k in INFERENCE_IDS},
     }
-    config["preprocessing"] = [_image_only(t) for t in merged["preprocessing"]]
+    config["preprocessing"] = [_image_only(t) for t in merged["load_slice"] + merged["slice_preprocessing"]]
     config["network"] = "$@network_def.to(@device)"
     config["inferer"] = "@infer#inferer"
     config["initialize"] = []

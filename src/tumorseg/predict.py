@@ -1,68 +1,45 @@
 """``tumorseg-predict``: the bundle's model on new scans, one case at a time.
 
 Inputs: PNG/JPG slices of any size, NIfTI volumes (2D or 3D, ``.nii``/``.nii.gz``), a DICOM
-file, or a folder holding one DICOM series; a folder of such files is expanded. What the model
-expects: one grey channel, intensity scaled to [0, 1] over the whole case (min-max), and
-slices at the framing of the training data (a head filling a ``image_size`` square): each slice
-is zoomed isotropically so its longer side is ``image_size`` (no stretching), predicted by
-sliding-window inference (overlap, Gaussian blending), thresholded, and zoomed back (nearest
-neighbour, as the bundle's inference config and MONAI Label do).
-Volumes are predicted slice by slice along ``--axis``.
+file, or a folder holding one DICOM series; a folder of such files is expanded.
+
+Volumes are first put in the canonical slice orientation (MONAI's ``Orientation`` to ``LPS``,
+``tumorseg.reading``): whatever the order in which a file stores its voxels, the network sees
+axial slices laid out as a radiologist reads them (anterior up, the patient's right on the left),
+and the mask goes back to the file's own voxel order and affine exactly. ``--axis K`` instead
+slices along voxel axis K as stored. PNG/JPG slices are taken as they are displayed.
+
+Each slice goes through the bundle's ``slice_preprocessing`` (scaled to [0, 1], zoomed so that its
+longer side is ``image_size``), the inferer of ``inference.yaml`` (sliding window, flip TTA) and
+the bundle's ``postprocessing`` (the presence gate, then the box fit or the threshold), and is
+zoomed back (nearest neighbour). Slices with almost no foreground are not run at all.
 
 Outputs per case, in the input's geometry, written atomically: the mask (PNG for PNG/JPG, NIfTI
 with the input's affine for NIfTI and DICOM), for DICOM also a DICOM SEG referencing the source
-series, an overlay PNG for a person to look at, and a JSON summary.
+series, an overlay PNG (volumes: axial slices with orientation letters), and a JSON summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 from .bundle import BUNDLE
-
-
-class InputError(Exception):
-    """A case that cannot be predicted; reported as one line naming the file."""
-
-
-def _is_dicom(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _kind(path: Path) -> str:
-    name = path.name.lower()
-    if path.is_dir():
-        return "dicom"
-    if name.endswith(NIFTI_SUFFIXES):
-        return "nifti"
-    if name.endswith(SLICE_SUFFIXES):
-        return "slice"
-    if name.endswith(".dcm") or _is_dicom(path):
-        return "dicom"
-    raise InputError(f"{path}: not a PNG/JPG, NIfTI or DICOM file")
+from .reading import NIFTI_SUFFIXES, SLICE_AXCODES, SLICE_SUFFIXES, InputError, is_dicom, read_case
 
 
 def find_cases(inputs: list[Path]) -> tuple[list[Path], list[str]]:
-    """Cases in the order given, and one error line per input that yields none: a file is a
-    case; a folder of DICOM files is one series; any other folder contributes the
-    PNG/JPG/NIfTI/DICOM files directly inside it (not its subfolders)."""
+    """Cases in the order given (each once, however often it is named), and one error line per
+    input that yields none: a file is a case; a folder of DICOM files is one series; any other
+    folder contributes the PNG/JPG/NIfTI/DICOM files directly inside it (not its subfolders)."""
     cases, errors = [], []
     for path in inputs:
         if not path.exists():  # also a dangling link or a symlink loop
             errors.append(f"{path}: no such file or folder")
         elif path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file())
-            if files and all(p.name.lower().endswith(".dcm") or _is_dicom(p) for p in files):
+            if files and all(p.name.lower().endswith(".dcm") or is_dicom(p) for p in files):
                 cases.append(path)
                 continue
             found = [p for p in files if p.name.lower().endswith(SLICE_SUFFIXES + NIFTI_SUFFIXES + (".dcm",))]
@@ -71,254 +48,10 @@ def find_cases(inputs: list[Path]) -> tuple[list[Path], list[str]]:
             cases.extend(found)
         else:
             cases.append(path)
-    return cases, errors
-
-
-# ---- reading ---------------------------------------------------------------------------------
-
-
-def read_slice(path: Path):
-    """(x, y) float32 array of a PNG/JPG in grey, as MONAI's PILReader lays it out."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            grey = im.convert("F") if im.mode in ("I", "I;16", "F") else im.convert("L")
-            return np.asarray(grey, dtype=np.float32).T
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"{path}: unreadable image ({e.__class__.__name__}: {e})") from None
-
-
-def read_nifti(path: Path):
-    import nibabel as nib
-    import numpy as np
-
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as e:  # nibabel raises many types for broken files
-        raise InputError(f"{path}: unreadable NIfTI ({e.__class__.__name__}: {e})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim not in (2, 3):
-        raise InputError(f"{path}: {data.ndim}D image of shape {data.shape}; give a 2D slice or a 3D volume")
-    return data, img
-
-
-def read_dicom(path: Path):
-    """(x, y, z) float32 volume of a DICOM file or series folder, its datasets in slice order,
-    and the RAS affine of that volume (as ITK and MONAI define it)."""
-    import numpy as np
-    import pydicom
-
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    datasets = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f)
-            ds.pixel_array  # noqa: B018  (decode now, so a broken file is reported by name)
-        except Exception as e:
-            raise InputError(f"{f}: unreadable DICOM ({e.__class__.__name__}: {e})") from None
-        datasets.append(ds)
-    if not datasets:
-        raise InputError(f"{path}: no DICOM files")
-    orientation = datasets[0].get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])
-    row_dir = np.array(orientation[:3], dtype=float)
-    col_dir = np.array(orientation[3:], dtype=float)
-    normal = np.cross(row_dir, col_dir)
-    position = lambda ds: np.array(ds.get("ImagePositionPatient", [0, 0, 0]), dtype=float)  # noqa: E731
-    # slice order by position along the normal, not by file name
-    datasets.sort(key=lambda ds: (float(position(ds) @ normal), int(ds.get("InstanceNumber", 0) or 0)))
-    first = datasets[0]
-    shapes = {ds.pixel_array.shape for ds in datasets}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise InputError(f"{path}: slices of different or multi-frame shapes {sorted(shapes)}")
-    volume = np.stack([_rescaled(ds).T for ds in datasets], axis=-1)  # (cols=x, rows=y, z)
-    dy, dx = (float(v) for v in first.get("PixelSpacing", [1, 1]))
-    if len(datasets) > 1:
-        step = (position(datasets[-1]) - position(datasets[0])) / (len(datasets) - 1)
-    else:
-        step = normal * float(first.get("SliceThickness", 1) or 1)
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * dx, col_dir * dy, step, position(first)
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS (DICOM) -> RAS (NIfTI)
-    return volume, datasets, affine
-
-
-def _rescaled(ds):
-    import numpy as np
-
-    arr = ds.pixel_array.astype(np.float32)
-    return arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
-
-
-# ---- the model -------------------------------------------------------------------------------
-
-
-class Predictor:
-    """The bundle's network, weights and inference settings, applied slice by slice.
-
-    Args:
-        bundle: the bundle folder (configs/train.yaml and configs/inference.yaml are read).
-        checkpoint: weights (a state dict, loaded with ``weights_only=True``); default the bundle's models/model.pt.
-        overrides: config overrides (e.g. ``{"image_size": 128}``).
-        tta: average the probabilities of the slice and its flips (None: the config's ``tta``).
-        box_fit: predict one rectangle per slice (None: the config's ``box_fit``).
-    """
-
-    def __init__(self, bundle: Path = BUNDLE, checkpoint: Path | None = None, overrides: dict | None = None,
-                 tta: bool | None = None, box_fit: bool | None = None):
-        import torch
-
-        from .bundle import inference_parser
-        from .transforms import ExpectedDiceBox
-
-        overrides = dict(overrides or {})
-        for key, value in (("tta", tta), ("box_fit", box_fit)):
-            if value is not None:
-                overrides[key] = value
-        parser = inference_parser(bundle, overrides)
-        self.image_size = int(parser.get_parsed_content("image_size"))
-        self.threshold = float(parser.get_parsed_content("threshold"))
-        self.inferer = parser.get_parsed_content("infer#inferer")  # FlipTTAInferer around the sliding window
-        self.tta = bool(parser.get_parsed_content("tta_enabled"))
-        self.box_fit = bool(parser.get_parsed_content("box_fit_enabled"))
-        self.box = ExpectedDiceBox(self.threshold) if self.box_fit else None
-        self.checkpoint = Path(checkpoint or parser.get_parsed_content("checkpoint"))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.network = parser.get_parsed_content("network_def").to(self.device).eval()
-        try:
-            state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-        except FileNotFoundError:
-            raise InputError(f"{self.checkpoint}: no model weights (train first, or give --checkpoint)") from None
-        except Exception as e:  # a pickle that is not a plain state dict is refused, never executed
-            raise InputError(f"{self.checkpoint}: not loadable as weights ({e.__class__.__name__})") from None
-        self.network.load_state_dict(state)
-
-    def slice_probability(self, image):
-        """Tumour probability of one (x, y) slice already scaled to [0, 1], at the network's
-        resolution (longer side ``image_size``)."""
-        import torch
-        from monai.transforms import Resize
-
-        x = torch.as_tensor(image, dtype=torch.float32)[None]  # (1, x, y)
-        zoom = Resize(spatial_size=self.image_size, size_mode="longest", mode="bilinear", anti_aliasing=True)
-        batch = torch.as_tensor(zoom(x))[None].to(self.device)  # (1, 1, x', y')
-        with torch.no_grad():
-            return torch.sigmoid(self.inferer(batch, self.network))[0].cpu()  # (1, x', y')
-
-    def slice_mask(self, image):
-        """Thresholded at the network's resolution, then zoomed back to the slice's size with
-        nearest neighbour: the same as the bundle's inference config and MONAI Label."""
-        import torch
-        from monai.transforms import Resize
-
-        prob = self.slice_probability(image)
-        mask = torch.as_tensor(self.box(prob.numpy())).float() if self.box else (prob >= self.threshold).float()
-        back = Resize(spatial_size=tuple(image.shape), mode="nearest")(mask)
-        return torch.as_tensor(back)[0].numpy() > 0.5, float(prob.max())
-
-    def predict_volume(self, volume, axis: int = 2):
-        """Mask and maximum probability of a 2D slice, or of a 3D volume slice by slice along ``axis``."""
-        import numpy as np
-
-        lo, hi = float(np.min(volume)), float(np.max(volume))
-        if not np.isfinite(lo) or not np.isfinite(hi):
-            raise InputError("contains NaN or infinite values")
-        if hi <= lo:
-            raise InputError("empty image (every pixel has the same value)")
-        scaled = (volume - lo) / (hi - lo)
-        if scaled.ndim == 2:
-            return self.slice_mask(scaled)
-        moved = np.moveaxis(scaled, axis, -1)
-        masks, peak = [], 0.0
-        for k in range(moved.shape[-1]):  # one slice at a time: memory stays that of one slice
-            mask, p = self.slice_mask(moved[..., k])
-            masks.append(mask)
-            peak = max(peak, p)
-        return np.moveaxis(np.stack(masks, axis=-1), -1, axis), peak
-
-
-# ---- writing ---------------------------------------------------------------------------------
-
-
-def _overlay_png(volume, mask, axis: int, title: str) -> bytes:
-    """The slice (or up to three slices with most tumour; the middle one if none) with the
-    prediction outlined in red."""
-    import io
-
-    import numpy as np
-
-    from .visualize import panel
-
-    if volume.ndim == 2:
-        picks = [(volume, mask, title)]
-    else:
-        v, m = np.moveaxis(volume, axis, -1), np.moveaxis(mask, axis, -1)
-        area = m.reshape(-1, m.shape[-1]).sum(0)
-        order = [int(k) for k in np.argsort(-area)[:3] if area[k] > 0] or [m.shape[-1] // 2]
-        picks = [(v[..., k], m[..., k], f"{title} slice {k}") for k in sorted(order)]
-    cases = [(img, np.zeros_like(msk, dtype=bool), msk, caption[:40]) for img, msk, caption in picks]
-    buf = io.BytesIO()
-    panel(cases).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _nifti_bytes(mask, affine, header=None) -> bytes:
-    import nibabel as nib
-    import numpy as np
-
-    img = nib.Nifti1Image(mask.astype(np.uint8), affine, header=header)
-    img.set_data_dtype(np.uint8)
-    img.header.set_slope_inter(1, 0)
-    return img.to_bytes()
-
-
-def _gz(data: bytes) -> bytes:
-    import gzip
-
-    return gzip.compress(data, mtime=0)
-
-
-def _seg_bytes(mask, datasets) -> bytes:
-    """DICOM SEG (highdicom) of the mask, referencing the source series."""
-    import io
-
-    import highdicom as hd
-    import numpy as np
-    from pydicom.sr.codedict import codes
-
-    segment = hd.seg.SegmentDescription(
-        segment_number=1,
-        segment_label="tumour",
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Neoplasm,
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name="tumorseg brain_tumor_mri_seg", version="0.1.0", family=codes.DCM.ArtificialIntelligence
-        ),
-    )
-    frames = np.stack([mask[:, :, k].T for k in range(mask.shape[2])]).astype(bool)  # (slices, rows, cols)
-    seg = hd.seg.Segmentation(
-        source_images=datasets,
-        pixel_array=frames,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment],
-        series_instance_uid=hd.UID(),
-        series_number=999,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="tumorseg",
-        manufacturer_model_name="brain_tumor_mri_seg",
-        software_versions="0.1.0",
-        device_serial_number="none",
-        omit_empty_frames=False,
-    )
-    buf = io.BytesIO()
-    seg.save_as(buf)
-    return buf.getvalue()
+    unique = {}
+    for case in cases:
+        unique.setdefault(case.resolve(), case)
+    return list(unique.values()), errors
 
 
 def _stem(path: Path) -> str:
@@ -329,80 +62,122 @@ def _stem(path: Path) -> str:
     return name
 
 
-def predict_case(predictor: Predictor, path: Path, output: Path, axis: int = 2, keep_largest: bool = False) -> dict:
+OUTPUT_SUFFIXES = ("_seg.png", "_seg.nii.gz", "_seg.dcm", "_overlay.png", ".json")
+
+
+def output_stems(cases: list[Path]) -> list[str]:
+    """One output stem (a relative path without suffix) per case, unique (also ignoring case, for
+    case-insensitive file systems) and predictable: the file's stem (``scan`` for ``scan.nii.gz``);
+    where stems clash, the suffix is kept (``scan.png`` -> ``scan_png``); where that still clashes
+    (the same name in several folders), the smallest tail of the parent folders that tells them
+    apart becomes subfolders (``A/s.jpg`` -> ``A/s``, ``B/s.jpg`` -> ``B/s``); anything left
+    (only contrived names) gets ``-2``, ``-3``... in input order."""
+    resolved = [Path(p).resolve() for p in cases]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError("the same case is listed twice")
+    key = str.casefold
+
+    def clashes(stems):
+        seen: dict[str, int] = {}
+        for s in stems:
+            seen[key(s)] = seen.get(key(s), 0) + 1
+        return {k for k, n in seen.items() if n > 1}
+
+    stems = [_stem(p) for p in resolved]
+    clash = clashes(stems)
+    stems = [p.name.replace(".", "_") if key(s) in clash else s for p, s in zip(resolved, stems)]
+    clash = clashes(stems)
+    if clash:
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(stems):
+            if key(s) in clash:
+                groups.setdefault(key(s), []).append(i)
+        for members in groups.values():
+            folders = [resolved[i].parent.parts[1:] for i in members]
+            for depth in range(1, max(map(len, folders)) + 1):
+                tails = ["/".join((*f[-depth:], stems[i])) for i, f in zip(members, folders)]
+                if len(set(map(key, tails))) == len(tails):
+                    for i, t in zip(members, tails):
+                        stems[i] = t
+                    break
+    seen: dict[str, int] = {}
+    for i, s in enumerate(stems):
+        n = seen[key(s)] = seen.get(key(s), 0) + 1
+        if n > 1:
+            stems[i] = f"{s}-{n}"
+    return stems
+
+
+def predict_case(predictor, path: Path, output: Path, axis: int | None = None, keep_largest: bool = False,
+                 stem: str | None = None) -> dict:
     """Predict one case and write its outputs; returns the JSON summary.
 
-    ``keep_largest`` keeps only the largest connected tumour region (in 3D for volumes)."""
+    ``axis`` None: volumes in the canonical orientation, axial slices; an int: slices along that
+    voxel axis as stored. ``keep_largest`` keeps only the largest connected tumour region (in 3D
+    for volumes)."""
     import numpy as np
 
-    from .files import write_atomic
+    from .writing import RADIOLOGICAL_LETTERS, overlay_png, write_outputs
 
-    kind = _kind(path)
-    spacing = None
-    if kind == "slice":
-        volume = read_slice(path)
-    elif kind == "nifti":
-        volume, img = read_nifti(path)
-        spacing = [float(s) for s in img.header.get_zooms()[: volume.ndim]]
-    else:
-        volume, datasets, affine = read_dicom(path)
-        spacing = [float(np.linalg.norm(affine[:3, i])) for i in range(3)]
+    case = read_case(path)
+    stored = case.image[0].numpy()
+    reference = (float(np.nanmin(stored)), float(np.nanmax(stored))) if stored.size else (0.0, 0.0)
+    letters = None
     try:
-        mask, max_probability = predictor.predict_volume(volume, axis=axis)
+        if case.kind == "slice" or axis is not None:
+            view = stored
+            mask, peaks = predictor.predict_volume(view, axis=-1 if axis is None else axis, reference=reference)
+            shown, shown_mask = (view, mask) if view.ndim == 2 else (np.moveaxis(view, axis, -1), np.moveaxis(mask, axis, -1))
+            orientation = "as displayed" if case.kind == "slice" else f"voxel axis {axis} as stored"
+        else:
+            canonical = case.canonical()
+            view = canonical[0].numpy()
+            if view.ndim == 3 and 1 in view.shape[:2]:  # one sagittal or coronal slice: its own plane, as stored
+                plane = stored.squeeze(axis=tuple(k for k in range(stored.ndim) if stored.shape[k] == 1) or None)
+                if plane.ndim != 2:
+                    raise InputError(f"{stored.shape} holds no 2D plane")
+                m, peaks = predictor.predict_volume(plane, reference=reference)
+                mask, shown, shown_mask = m.reshape(stored.shape), plane, m
+                orientation = "single slice, as stored"
+            else:
+                mask_c, peaks = predictor.predict_volume(view, axis=-1, reference=reference)
+                mask = case.from_canonical(canonical, mask_c)
+                shown, shown_mask, letters = view, mask_c, RADIOLOGICAL_LETTERS
+                orientation = f"canonical {SLICE_AXCODES[: view.ndim]}, axial slices"
     except InputError as e:
         raise InputError(f"{path}: {e}") from None
     if keep_largest and mask.any():
         import torch
         from monai.transforms import KeepLargestConnectedComponent
 
-        mask = KeepLargestConnectedComponent(applied_labels=[1])(torch.as_tensor(mask[None].astype(np.uint8)))[0].numpy() > 0
-    stem = _stem(path)
-    written = {}
-
-    if kind == "slice":
-        import io
-
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.fromarray(mask.T.astype(np.uint8), mode="L").save(buf, format="PNG")
-        written["mask"] = output / f"{stem}_seg.png"
-        write_atomic(written["mask"], buf.getvalue())
-    elif kind == "nifti":
-        header = img.header.copy()
-        data = _nifti_bytes(mask.reshape(img.shape), img.affine, header)
-        written["mask"] = output / f"{stem}_seg.nii.gz"
-        write_atomic(written["mask"], _gz(data))
-    else:
-        written["mask"] = output / f"{stem}_seg.nii.gz"
-        write_atomic(written["mask"], _gz(_nifti_bytes(mask, affine)))
-        written["dicom_seg"] = output / f"{stem}_seg.dcm"
-        write_atomic(written["dicom_seg"], _seg_bytes(mask, datasets))
-    written["overlay"] = output / f"{stem}_overlay.png"
-    write_atomic(written["overlay"], _overlay_png(volume, mask, axis, stem))
-
+        largest = KeepLargestConnectedComponent(applied_labels=[1])
+        mask = largest(torch.as_tensor(mask[None].astype(np.uint8)))[0].numpy() > 0
+        shown_mask = largest(torch.as_tensor(shown_mask[None].astype(np.uint8)))[0].numpy() > 0
+    stem = stem or _stem(path)
+    outputs = {"mask": output / f"{stem}_seg.{'png' if case.kind == 'slice' else 'nii.gz'}",
+               "dicom_seg": output / f"{stem}_seg.dcm", "overlay": output / f"{stem}_overlay.png",
+               "summary": output / f"{stem}.json"}
+    spacing = case.spacing
     pixels = int(mask.sum())
-    unit = float(np.prod(spacing)) if spacing else None
+    unit = float(np.prod(spacing[: mask.ndim])) if spacing else None
     summary = {
         "input": str(path),
-        "kind": kind,
-        "shape": list(volume.shape),
+        "kind": case.kind,
+        "shape": list(stored.shape),
         "spacing": spacing,
+        "slicing": orientation,
         "tumour_pixels": pixels,
-        ("tumour_area_mm2" if volume.ndim == 2 else "tumour_volume_mm3"): pixels * unit if unit else None,
-        "slices_with_tumour": [int(k) for k in np.nonzero(np.moveaxis(mask, axis, -1).reshape(-1, mask.shape[axis]).any(0))[0]]
-        if volume.ndim == 3
-        else None,
-        "max_probability": max_probability,
+        ("tumour_area_mm2" if stored.ndim == 2 else "tumour_volume_mm3"): pixels * unit if unit else None,
+        "slices_with_tumour": [int(k) for k in np.flatnonzero(shown_mask.reshape(-1, shown_mask.shape[-1]).any(0))]
+        if shown_mask.ndim == 3 else None,
+        "max_probability": max(peaks, default=0.0),
         "threshold": predictor.threshold,
         "tta": predictor.tta,
         "box_fit": predictor.box_fit,
         "keep_largest": keep_largest,
         "checkpoint": str(predictor.checkpoint),
-        "outputs": {k: str(v) for k, v in written.items()},
     }
-    write_atomic(output / f"{stem}.json", (json.dumps(summary, indent=1) + "\n").encode())
-    return summary
+    return write_outputs(case, mask, outputs, overlay_png(shown, shown_mask, stem, letters), summary)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, required=True, help="folder for the outputs (created)")
     p.add_argument("--bundle", type=Path, default=BUNDLE, help="bundle folder (default: the repository's)")
     p.add_argument("--checkpoint", type=Path, help="weights (default: <bundle>/models/model.pt)")
-    p.add_argument("--axis", type=int, default=2, choices=(0, 1, 2), help="slice axis of 3D volumes (default 2)")
+    p.add_argument("--axis", type=int, choices=(0, 1, 2),
+                   help="slice 3D volumes along this voxel axis as stored (default: axial slices of the canonical orientation)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation, averaging over the slice's flips (default: the inference config's tta)")
     p.add_argument("--box-fit", action=argparse.BooleanOptionalAction, default=None,
@@ -433,15 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {line}", file=sys.stderr)
     from tqdm import tqdm
 
+    from .predictor import Predictor
+
     try:
         predictor = Predictor(args.bundle, args.checkpoint, overrides, tta=args.tta, box_fit=args.box_fit)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     failed = 0
-    for case in tqdm(cases, unit="case", disable=args.no_progress or None):
+    for case, stem in tqdm(list(zip(cases, output_stems(cases))), unit="case", disable=args.no_progress or None):
         try:
-            predict_case(predictor, case, args.output, axis=args.axis, keep_largest=args.keep_largest)
+            predict_case(predictor, case, args.output, axis=args.axis, keep_largest=args.keep_largest, stem=stem)
         except InputError as e:
             failed += 1
             tqdm.write(f"error: {e}", file=sys.stderr)

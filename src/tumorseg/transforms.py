@@ -11,7 +11,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_data_type, convert_to_dst_type
 
-__all__ = ["ExpectedDiceBox", "ExpectedDiceBoxd"]
+__all__ = ["ExpectedDiceBox", "ExpectedDiceBoxd", "PresenceGate", "PresenceGated"]
 
 
 class ExpectedDiceBox(Transform):
@@ -88,4 +88,69 @@ class ExpectedDiceBoxd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.transform(d[key])
+        return d
+
+
+class PresenceGate(Transform):
+    """Decides, per slice, whether there is tumour at all, before any pixel is thresholded.
+
+    A slice is declared tumour-free (its probability map set to 0) when
+
+    - its image has almost no foreground: fewer than ``min_foreground`` of its pixels reach
+      ``foreground_level`` of the image's maximum (a black, constant or nearly empty slice: no
+      head, nothing to segment); or
+    - its peak tumour probability is below ``min_peak`` (the network's own presence decision,
+      calibrated on healthy and tumour slices: ``docs/README.md``).
+
+    Otherwise the probability map passes unchanged, so the box fit or the threshold that follows
+    works as before on tumour slices.
+
+    Args:
+        min_peak: peak probability a slice needs to hold tumour, in (0, 1].
+        min_foreground: fraction of the slice that must be foreground, in [0, 1).
+        foreground_level: intensity, relative to the image's maximum, counted as foreground.
+
+    Input: probability map (C, H, W) and the image (C', H', W'), numpy or torch; the image may
+    have another size (only its foreground fraction is used). Output: the map, same type.
+    """
+
+    def __init__(self, min_peak: float = 0.5, min_foreground: float = 0.02, foreground_level: float = 0.1) -> None:
+        if not 0.0 < min_peak <= 1.0:
+            raise ValueError(f"min_peak must be in (0, 1], got {min_peak}.")
+        if not 0.0 <= min_foreground < 1.0:
+            raise ValueError(f"min_foreground must be in [0, 1), got {min_foreground}.")
+        if not 0.0 <= foreground_level < 1.0:
+            raise ValueError(f"foreground_level must be in [0, 1), got {foreground_level}.")
+        self.min_peak, self.min_foreground, self.foreground_level = float(min_peak), float(min_foreground), float(foreground_level)
+
+    def foreground_fraction(self, image) -> float:
+        arr = convert_data_type(image, np.ndarray)[0].astype(np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        if not hi > lo:  # constant (or all-NaN) image: no structure at all
+            return 0.0
+        return float(((arr - lo) > self.foreground_level * (hi - lo)).mean())
+
+    def present(self, prob, image=None) -> bool:
+        if image is not None and self.foreground_fraction(image) < self.min_foreground:
+            return False
+        return float(convert_data_type(prob, np.ndarray)[0].max()) >= self.min_peak
+
+    def __call__(self, prob, image=None):
+        return prob if self.present(prob, image) else prob * 0
+
+
+class PresenceGated(MapTransform):
+    """Dictionary version of :class:`PresenceGate`: gates ``keys`` (probabilities) by
+    ``image_key`` (the network's input image)."""
+
+    def __init__(self, keys: KeysCollection, image_key: str = "image", min_peak: float = 0.5,
+                 min_foreground: float = 0.02, foreground_level: float = 0.1, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.gate = PresenceGate(min_peak, min_foreground, foreground_level)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.gate(d[key], d.get(self.image_key))
         return d

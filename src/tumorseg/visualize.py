@@ -24,9 +24,10 @@ def overlay(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | None
     return rgb
 
 
-def panel(cases: list[tuple], columns: int = 3) -> Image.Image:
+def panel(cases: list[tuple], columns: int = 3, letters: tuple[str, str, str, str] | None = None) -> Image.Image:
     """A grid of ``(image, label, pred, caption)`` cases (2D arrays, spatial axes as stored by
-    MONAI's ``PILReader``: first axis = width), each with its caption underneath."""
+    MONAI's ``PILReader``: first axis = width), each with its caption underneath; ``letters``
+    (top, bottom, left, right) marks the patient directions on every tile, e.g. ``("A", "P", "R", "L")``."""
     tiles = [overlay(np.asarray(img).T, np.asarray(lab).T, np.asarray(prd).T) for img, lab, prd, _ in cases]
     factor = max(1, -(-MIN_TILE // max(tiles[0].shape[:2])))
     tiles = [t.repeat(factor, axis=0).repeat(factor, axis=1) for t in tiles]
@@ -39,4 +40,10 @@ def panel(cases: list[tuple], columns: int = 3) -> Image.Image:
         x, y = (i % columns) * w, (i // columns) * (h + CAPTION_HEIGHT)
         canvas.paste(Image.fromarray(tile), (x, y))
         draw.text((x + 3, y + h + 2), case[3], fill="white")
+        if letters:
+            top, bottom, left, right = letters
+            draw.text((x + w // 2 - 3, y + 2), top, fill="yellow")
+            draw.text((x + w // 2 - 3, y + h - 13), bottom, fill="yellow")
+            draw.text((x + 3, y + h // 2 - 6), left, fill="yellow")
+            draw.text((x + w - 10, y + h // 2 - 6), right, fill="yellow")
     return canvas

@@ -1,0 +1,272 @@
+"""Healthy (tumour-free) slices for training and checking the model's sense of absence.
+
+The Kaggle set has no slice without tumour, so a network trained on it alone paints a box on
+every brain it sees. This stage adds negatives, each with an all-zero label, from the only
+healthy MRI to be had offline:
+
+- ``mni_t1``, ``mni_gm``, ``mni_wm`` (training): every axial slice holding brain of nilearn's
+  MNI152 2009a template (T1 and its grey/white-matter maps, read as other contrasts), each
+  drawn ``--variants`` times with random framing (zoom out, shift), quarter turns (the Kaggle
+  slices come in all four), gamma, noise, blur, and a bright ring standing in for the skull.
+- ``mirror`` (training from ``training``, checking from ``validation``): Kaggle slices whose
+  tumour box lies in one half of the head, with that half replaced by the mirror image of the
+  other (the axis of symmetry is the one of the two image axes about which the slice is most
+  symmetric). Real scans with skull, contrast and framing of the training data, and no tumour.
+- ``synthetic`` (training): black, constant, gradient and noise images.
+- ``heldout_*`` (checking only, never trained on): nibabel's real test volumes (an EPI frame,
+  a T1 crop, a Talairach T1 at 3 mm) and pydicom's ``MR_small``; see ``HELDOUT``.
+
+Every volume is put in the canonical slice orientation first (``tumorseg.reading``), so its
+slices look like the ones the predictor will feed the network.
+
+Output (``OUT``): ``images/<source>/*.png``, ``labels/<source>/*.png`` (8-bit) and
+``datalist.json`` holding the Kaggle lists of ``--dataset_dir`` (paths rebased) with the
+training negatives appended to ``training``, and two more lists: ``healthy`` (the held-out
+negatives) and ``presence`` (``validation`` plus ``healthy``: tumour and healthy slices for
+sensitivity and specificity).
+
+    python -m data_tools.healthy runs/kaggle-full runs/kaggle-negatives
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tumorseg.files import write_atomic
+
+SIZE = 256  # negatives are written at the network's resolution; the bundle zooms anyway
+
+
+def _nilearn_data() -> Path:
+    import nilearn.datasets
+
+    return Path(nilearn.datasets.__file__).parent / "data"
+
+
+def _nibabel_data() -> Path:
+    from nibabel.testing import data_path
+
+    return Path(data_path)
+
+
+TRAIN_VOLUMES = {  # source name: path of the volume
+    "mni_t1": lambda: _nilearn_data() / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "mni_gm": lambda: _nilearn_data() / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "mni_wm": lambda: _nilearn_data() / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+HELDOUT = {  # never trained on: the check of generalisation to other scanners and contrasts
+    "heldout_epi": lambda: _nibabel_data() / "example4d.nii.gz",
+    "heldout_t1crop": lambda: _nibabel_data() / "anatomical.nii",
+    "heldout_tlrc": lambda: _nibabel_data() / "scaled+tlrc.HEAD",
+}
+
+
+def _png(array_xy: np.ndarray) -> bytes:
+    """8-bit PNG of an (x, y) array in [0, 1] (PIL's layout is (rows, cols): transposed)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(array_xy, 0, 1) * 255).astype(np.uint8).T, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fit(slice_xy: np.ndarray, size: int = SIZE) -> np.ndarray:
+    """Zoom (no stretching) so the longer side is ``size`` and pad to a square."""
+    import torch
+    from monai.transforms import Resize, SpatialPad
+
+    x = torch.as_tensor(np.ascontiguousarray(slice_xy), dtype=torch.float32)[None]
+    x = Resize(spatial_size=size, size_mode="longest", mode="bilinear", anti_aliasing=True)(x)
+    return np.asarray(SpatialPad(spatial_size=(size, size))(x))[0]
+
+
+def canonical_volume(path: Path) -> np.ndarray:
+    """(x, y, z) float32 volume of a NIfTI/AFNI file in the canonical slice orientation, [0, 1]."""
+    import tempfile
+
+    import nibabel as nib
+
+    from tumorseg.reading import read_case
+
+    if not path.name.endswith((".nii", ".nii.gz")):  # AFNI: through a NIfTI copy (first volume)
+        img = nib.load(path)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        with tempfile.TemporaryDirectory() as tmp:
+            nib.save(nib.Nifti1Image(data[..., 0] if data.ndim > 3 else data, img.affine), f"{tmp}/v.nii.gz")
+            return canonical_volume(Path(tmp) / "v.nii.gz")
+    volume = read_case(path).canonical()[0].numpy().astype(np.float32)
+    lo, hi = float(volume.min()), float(volume.max())
+    return (volume - lo) / (hi - lo) if hi > lo else np.zeros_like(volume)
+
+
+def brain_slices(volume: np.ndarray, min_fraction: float = 0.05) -> list[np.ndarray]:
+    """Axial slices whose head covers at least ``min_fraction`` of the slice."""
+    fg = volume > 0.1
+    return [volume[..., k] for k in range(volume.shape[-1]) if fg[..., k].mean() >= min_fraction]
+
+
+def augment(slice_xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random view of a healthy slice: skull ring, framing, quarter turn, contrast, noise."""
+    from scipy import ndimage
+
+    s = slice_xy.astype(np.float32)
+    if rng.random() < 0.5:  # a skull: bright ring a few pixels outside the brain
+        brain = ndimage.binary_fill_holes(s > 0.1)
+        gap, width = rng.integers(1, 6), rng.integers(3, 9)
+        outer = ndimage.binary_dilation(brain, iterations=int(gap + width))
+        inner = ndimage.binary_dilation(brain, iterations=int(gap))
+        s = np.where(outer & ~inner, rng.uniform(0.6, 1.0), s)
+    zoom_out = rng.uniform(1.0, 1.7)  # the head fills between 60 % and 100 % of the frame
+    pad = [(int(n * (zoom_out - 1) / 2),) * 2 for n in s.shape]
+    s = np.pad(s, pad)
+    shift = [int(rng.integers(-p[0] // 2 - 1, p[0] // 2 + 1)) for p in pad]
+    s = np.roll(s, shift, axis=(0, 1))
+    s = np.rot90(s, k=int(rng.integers(4)))
+    s = _fit(s)
+    s = np.clip(s, 0, None) ** rng.uniform(0.6, 1.6)
+    if rng.random() < 0.3:
+        s = ndimage.gaussian_filter(s, sigma=rng.uniform(0.5, 1.5))
+    if rng.random() < 0.5:
+        s = s + rng.normal(0, rng.uniform(0.005, 0.05), s.shape)
+    s = np.clip(s, 0, None)
+    return s / s.max() if s.max() > 0 else s
+
+
+def synthetic(rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    """Images with no anatomy at all: black, constant, gradients, uniform and Gaussian noise."""
+    xs = np.linspace(0, 1, SIZE, dtype=np.float32)
+    out = []
+    for i in range(n):
+        kind = i % 5
+        if kind == 0:
+            out.append(np.zeros((SIZE, SIZE), np.float32))
+        elif kind == 1:
+            out.append(np.full((SIZE, SIZE), rng.uniform(0.05, 1), np.float32))
+        elif kind == 2:
+            out.append(np.add.outer(xs * rng.uniform(-1, 1), xs * rng.uniform(-1, 1)) % 1)
+        elif kind == 3:
+            out.append(rng.random((SIZE, SIZE)).astype(np.float32))
+        else:
+            out.append(np.clip(rng.normal(0.5, 0.2, (SIZE, SIZE)), 0, 1).astype(np.float32))
+    return out
+
+
+def mirrored(image_path: Path, label_path: Path, margin: float = 0.02) -> np.ndarray | None:
+    """The Kaggle slice with its tumour half replaced by the mirror of the healthy half, or
+    None where the box crosses the axis of symmetry. Arrays are (x, y), like MONAI reads them."""
+    from PIL import Image
+
+    with Image.open(image_path) as im:
+        img = np.asarray(im.convert("L"), dtype=np.float32).T / 255.0
+    with Image.open(label_path) as im:
+        box = np.asarray(im, dtype=np.uint8).T > 0
+    if not box.any():
+        return None
+    head = img > 0.1
+    best = None
+    for axis in (0, 1):
+        idx = np.flatnonzero(head.any(1 - axis))
+        if idx.size == 0:
+            return None
+        centre = (idx[0] + idx[-1]) / 2
+        n = img.shape[axis]
+        src = np.clip(np.round(2 * centre - np.arange(n)).astype(int), 0, n - 1)  # mirror index
+        flipped = np.take(img, src, axis=axis)
+        keep = ~box & ~np.take(box, src, axis=axis) & head
+        if keep.sum() < 100:
+            continue
+        score = float(np.corrcoef(img[keep], flipped[keep])[0, 1])
+        if best is None or score > best[0]:
+            best = (score, axis, centre, flipped)
+    if best is None:
+        return None
+    _, axis, centre, flipped = best
+    b = np.flatnonzero(box.any(1 - axis))
+    n = img.shape[axis]
+    pos = np.arange(n).reshape((-1, 1) if axis == 0 else (1, -1))
+    if b[-1] < centre - margin * n:  # tumour in the low half: take the high half mirrored
+        return np.where(pos < centre, flipped, img)
+    if b[0] > centre + margin * n:
+        return np.where(pos > centre, flipped, img)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data_tools.healthy", description=__doc__.splitlines()[0])
+    ap.add_argument("dataset_dir", type=Path, help="output folder of tumorseg-convert (datalist.json)")
+    ap.add_argument("out", type=Path, help="folder for the negatives and the merged datalist")
+    ap.add_argument("--variants", type=int, default=2, help="random views per MNI T1 slice (default 2)")
+    ap.add_argument("--synthetic", type=int, default=60, help="images without anatomy (default 60)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    datalist_path = args.dataset_dir / "datalist.json"
+    try:
+        datalist = json.loads(datalist_path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"error: {datalist_path}: {e.__class__.__name__}: {e}", file=sys.stderr)
+        return 1
+    if args.out.resolve() == args.dataset_dir.resolve():
+        print(f"error: {args.out}: must differ from the dataset folder", file=sys.stderr)
+        return 1
+    rng = np.random.default_rng(args.seed)
+    out = args.out
+    zero = _png(np.zeros((SIZE, SIZE), np.float32))
+
+    def rebase(items):
+        return [{k: os.path.relpath((args.dataset_dir / v).resolve(), out.resolve()) for k, v in item.items()}
+                for item in items]
+
+    def write(source: str, name: str, image: np.ndarray, label: bytes | None = None) -> dict:
+        rel_img, rel_lab = f"images/{source}/{name}.png", f"labels/{source}/{name}.png"
+        write_atomic(out / rel_img, _png(image))
+        write_atomic(out / rel_lab, label if label is not None else _png(np.zeros(image.shape, np.float32)))
+        return {"image": rel_img, "label": rel_lab}
+
+    negatives, heldout, counts = [], [], {}
+    for source, locate in TRAIN_VOLUMES.items():
+        slices = brain_slices(canonical_volume(locate()))
+        views = args.variants if source == "mni_t1" else 1
+        step = 1 if source == "mni_t1" else 3  # the tissue maps: every third slice, as a contrast variant
+        items = [write(source, f"{source}_{k:03d}_{v}", augment(s, rng), zero)
+                 for k, s in enumerate(slices[::step]) for v in range(views)]
+        negatives += items
+        counts[source] = len(items)
+    items = [write("synthetic", f"synthetic_{i:03d}", s, zero) for i, s in enumerate(synthetic(rng, args.synthetic))]
+    negatives += items
+    counts["synthetic"] = len(items)
+    for key, target in (("training", negatives), ("validation", heldout)):
+        n = 0
+        for item in datalist.get(key, []):
+            m = mirrored(args.dataset_dir / item["image"], args.dataset_dir / item["label"])
+            if m is not None:
+                target.append(write(f"mirror_{key}", "mirror_" + Path(item["image"]).stem, m))
+                n += 1
+        counts[f"mirror_{key}"] = n
+    for source, locate in HELDOUT.items():
+        slices = brain_slices(canonical_volume(locate()))
+        items = [write(source, f"{source}_{k:03d}", _fit(s)) for k, s in enumerate(slices)]
+        heldout += items
+        counts[source] = len(items)
+
+    merged = {k: v for k, v in datalist.items() if not isinstance(v, list) or k in ("labels",)}
+    merged["name"] = str(datalist.get("name", "")) + " + healthy negatives (data_tools/healthy.py)"
+    merged["negatives"] = counts
+    for key in ("training", "validation", "test"):
+        merged[key] = rebase(datalist.get(key, []))
+    merged["training"] += negatives
+    merged["healthy"] = heldout
+    merged["presence"] = merged["validation"] + heldout
+    write_atomic(out / "datalist.json", (json.dumps(merged, indent=1) + "\n").encode())
+    print(f"wrote {out / 'datalist.json'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Presence check of one set of weights: tumour found where there is one, nothing where there is
+none. One MLflow run (``presence_<name>``), nested under the training run of the weights.
+
+    python experiments/presence.py --dataset_dir runs/kaggle-negatives [--checkpoint <model.pt>] \
+        [--tracking_dir mlflow] [--name shipped] [--output table.md]
+
+``--dataset_dir`` is the output of ``python -m data_tools.healthy`` (its ``validation`` list:
+Kaggle ``valid``, all tumour slices; ``healthy``: held-out healthy slices). Measured, through
+``tumorseg.predictor.Predictor`` at the inference defaults (flip TTA, box fit), for every
+presence threshold ``min_peak`` in ``MIN_PEAKS`` and 3D rule ``min_run`` in ``MIN_RUNS``:
+
+- on ``valid``: per-image tumour Dice at each slice's own size, and slice-level sensitivity (the
+  share of tumour slices with any prediction);
+- on the held-out healthy slices: specificity (the share with no prediction);
+- on healthy volumes (``healthy_volumes``: nilearn's MNI152 template at 1 and 2 mm, stored in
+  other axis orders and as a DICOM series, and nibabel's real test volumes that no training
+  slice came from): the false-positive volume in cm³, read through ``tumorseg-predict``'s path
+  (canonical orientation, foreground skip).
+
+The network runs once per slice at ``min_peak`` = ``threshold``; a higher ``min_peak`` only
+clears slices whose peak probability is below it, and ``min_run`` only clears short runs of
+flagged slices, so every setting is read from the same pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
+MIN_PEAKS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
+MIN_RUNS = (1, 2, 3)
+
+
+def healthy_volumes(tmp: Path) -> dict[str, Path]:
+    """Name -> path of each healthy volume, NIfTI files or DICOM series folders written to ``tmp``."""
+    import nibabel as nib
+    from nilearn.datasets import load_mni152_template
+
+    from data_tools.healthy import HELDOUT, canonical_volume  # noqa: F401  (HELDOUT: the volumes kept aside)
+    from data_tools.nifti_to_dicom import write_series
+
+    out = {}
+    for res in (1, 2):
+        t = load_mni152_template(resolution=res)
+        out[f"mni152_{res}mm"] = tmp / f"mni152_{res}mm.nii.gz"
+        nib.save(t, out[f"mni152_{res}mm"])
+        permuted = t.as_reoriented(np.array([[2, -1], [0, 1], [1, -1]]))  # sagittal-first, flipped
+        out[f"mni152_{res}mm_sagittal_first"] = tmp / f"mni152_{res}mm_sagittal_first.nii.gz"
+        nib.save(permuted, out[f"mni152_{res}mm_sagittal_first"])
+    t = load_mni152_template(resolution=2)
+    write_series(np.asarray(t.dataobj, dtype=np.float32), t.affine, tmp / "mni152_2mm_dicom")
+    out["mni152_2mm_dicom"] = tmp / "mni152_2mm_dicom"
+    for name, locate in HELDOUT.items():
+        img = nib.load(locate())
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        path = tmp / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(data[..., 0] if data.ndim > 3 else data, img.affine), path)  # a 4D series: its first volume
+        out[name] = path
+    return out
+
+
+def slice_records(predictor, items: list[dict]) -> list[dict]:
+    """Per slice: peak probability, and the Dice of its mask against its label."""
+    from tumorseg.reading import read_slice
+
+    rows = []
+    for item in items:
+        image = read_slice(Path(item["image"]))
+        label = read_slice(Path(item["label"])) > 0
+        mask, peaks = predictor.predict_volume(image)
+        inter, total = float((mask & label).sum()), float(mask.sum() + label.sum())
+        rows.append({"image": item["image"], "peak": peaks[0], "found": bool(mask.any()), "tumour": bool(label.any()),
+                     "dice_if_kept": 1.0 if total == 0 else 2 * inter / total,
+                     "dice_if_cleared": 1.0 if not label.any() else 0.0})
+        print(f"\r{len(rows)}/{len(items)} slices", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return rows
+
+
+def volume_records(predictor, volumes: dict[str, Path]) -> dict[str, dict]:
+    """Per volume: per canonical axial slice, flagged area (voxels) and peak; voxel volume in mm³."""
+    from tumorseg.reading import read_case
+
+    out = {}
+    for name, path in volumes.items():
+        case = read_case(path)
+        stored = case.image[0].numpy()
+        view = case.canonical()[0].numpy()
+        mask, peaks = predictor.predict_volume(view, axis=-1, reference=(float(stored.min()), float(stored.max())))
+        out[name] = {"areas": mask.reshape(-1, mask.shape[-1]).sum(0).tolist(), "peaks": list(peaks),
+                     "voxel_mm3": float(np.prod(case.spacing))}
+        print(f"{name}: {sum(out[name]['areas']) * out[name]['voxel_mm3'] / 1000:.2f} cm³ at min_peak 0.5", file=sys.stderr)
+    return out
+
+
+def table(slices_valid, slices_healthy, volumes) -> list[dict]:
+    from tumorseg.predictor import isolated_slices
+
+    rows = []
+    for min_peak in MIN_PEAKS:
+        kept = [r["found"] and r["peak"] >= min_peak for r in slices_valid]
+        dice = np.mean([r["dice_if_kept"] if k else r["dice_if_cleared"] for r, k in zip(slices_valid, kept)])
+        sensitivity = np.mean([k for r, k in zip(slices_valid, kept) if r["tumour"]])
+        specificity = np.mean([not (r["found"] and r["peak"] >= min_peak) for r in slices_healthy])
+        for min_run in MIN_RUNS:
+            row = {"min_peak": min_peak, "min_run": min_run, "valid_dice": float(dice),
+                   "valid_sensitivity": float(sensitivity), "healthy_specificity": float(specificity)}
+            for name, v in volumes.items():
+                flagged = np.array([a > 0 and p >= min_peak for a, p in zip(v["areas"], v["peaks"])])
+                if min_run > 1:
+                    flagged &= ~isolated_slices(flagged, min_run)
+                row[f"fp_cm3.{name}"] = float(np.array(v["areas"])[flagged].sum() * v["voxel_mm3"] / 1000)
+            row["fp_cm3_max"] = max(row[k] for k in row if k.startswith("fp_cm3."))
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    header = list(rows[0])
+    short = [h.replace("fp_cm3.", "") for h in header]
+    lines = [title, "", "| " + " | ".join(short) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in header) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset_dir", type=Path, required=True, help="output of python -m data_tools.healthy")
+    ap.add_argument("--checkpoint", type=Path, default=BUNDLE / "models" / "model.pt")
+    ap.add_argument("--name", default="shipped", help="run name suffix (presence_<name>)")
+    ap.add_argument("--tracking_dir", type=Path, default=REPO / "mlflow")
+    ap.add_argument("--experiment", default="brain_tumor_mri_seg")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N slices of each list (a quick look)")
+    ap.add_argument("--output", type=Path, help="also write the table to this Markdown file")
+    args = ap.parse_args()
+
+    from monai.data import load_decathlon_datalist
+
+    from tumorseg.predictor import Predictor
+
+    start = time.time()
+    predictor = Predictor(BUNDLE, args.checkpoint, {"min_peak": 0.5, "min_run": 1})
+    datalist = str(args.dataset_dir / "datalist.json")
+    lists = {key: load_decathlon_datalist(datalist, data_list_key=key, base_dir=str(args.dataset_dir)) for key in ("validation", "healthy")}
+    if args.limit:
+        lists = {k: v[: args.limit] for k, v in lists.items()}
+    valid = slice_records(predictor, lists["validation"])
+    healthy = slice_records(predictor, lists["healthy"])
+    with tempfile.TemporaryDirectory() as tmp:
+        volumes = volume_records(predictor, healthy_volumes(Path(tmp)))
+    rows = table(valid, healthy, volumes)
+    text = markdown(rows, f"Presence on `valid` ({len(valid)} tumour slices), {len(healthy)} held-out healthy slices and "
+                          f"{len(volumes)} healthy volumes; weights {args.checkpoint} (TTA and box fit on)")
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+
+    from mlflow.entities import Metric, Param
+
+    from tumorseg.tracking import file_digest, open_store, training_run_id
+
+    client, experiment_id = open_store(args.tracking_dir, args.experiment)
+    digest = file_digest(args.checkpoint, None)
+    tags = {"workflow": "presence", "bundle": "brain_tumor_mri_seg", "checkpoint_sha256": digest}
+    parent = training_run_id(client, experiment_id, digest)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(experiment_id, tags=tags, run_name=f"presence_{args.name}")
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{k}.min_peak_{r['min_peak']}.min_run_{r['min_run']}".replace("0.", "0_"), float(v), now, 0)
+               for r in rows for k, v in r.items() if k not in ("min_peak", "min_run")]
+    params = {"checkpoint": str(args.checkpoint), "valid_slices": len(valid), "healthy_slices": len(healthy),
+              "healthy_volumes": ",".join(volumes), "min_peaks": str(MIN_PEAKS), "min_runs": str(MIN_RUNS),
+              "seconds": round(time.time() - start)}
+    client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_text(run.info.run_id, text, "presence.md")
+    client.log_text(run.info.run_id, json.dumps({"rows": rows, "volumes": volumes}, indent=1), "presence.json")
+    client.set_terminated(run.info.run_id)
+    print(f"MLflow run presence_{args.name}: {run.info.run_id}")
+
+
+if __name__ == "__main__":
+    main()

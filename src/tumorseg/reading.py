@@ -1,0 +1,197 @@
+"""Reading a case (PNG/JPG slice, NIfTI volume, DICOM file or series) into one MetaTensor, and
+the canonical slice orientation every volume is put in before the network sees it.
+
+The canonical orientation (``SLICE_AXCODES = "LPS"``, MONAI's ``Orientation``): the array's first
+axis runs to the patient's left, the second to posterior, the third to superior. MONAI lays a
+PNG/JPG out as ``(x, y)`` = (column, row), so an axial slice of such a volume, written as an
+image, shows the patient as a radiologist reads it: anterior at the top, the patient's right on
+the viewer's left. The Kaggle JPEGs are axial slices in all four quarter turns (face up, down,
+left or right: a look at 48 random training slices), so this is one of the layouts the network
+was trained on, and the conventional one. What matters most is that it is *one* layout: the same
+anatomy stored in any voxel order reaches the network as the same slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SLICE_AXCODES = "LPS"
+SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class InputError(Exception):
+    """A case that cannot be predicted; reported as one line naming the file."""
+
+
+def is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def kind_of(path: Path) -> str:
+    """``slice``, ``nifti`` or ``dicom`` (a folder is a DICOM series)."""
+    name = path.name.lower()
+    if path.is_dir():
+        return "dicom"
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(SLICE_SUFFIXES):
+        return "slice"
+    if name.endswith(".dcm") or is_dicom(path):
+        return "dicom"
+    raise InputError(f"{path}: not a PNG/JPG, NIfTI or DICOM file")
+
+
+@dataclass
+class Case:
+    """One input: ``image`` is a MetaTensor ``(1, x, y[, z])`` whose ``affine`` maps voxels to
+    RAS millimetres (identity for PNG/JPG), in the file's own voxel order."""
+
+    path: Path
+    kind: str
+    image: object
+    datasets: list = field(default_factory=list)  # DICOM: the source datasets in slice order
+    nifti: object = None  # NIfTI: the nibabel image (its header is kept for the mask)
+
+    @property
+    def _orientation(self):  # one instance: MONAI inverts only the transform object that ran
+        if "_orient" not in self.__dict__:
+            from monai.transforms import Orientation
+
+            self.__dict__["_orient"] = Orientation(axcodes=SLICE_AXCODES[: self.image.ndim - 1])
+        return self.__dict__["_orient"]
+
+    @property
+    def spacing(self) -> list[float] | None:
+        if self.kind == "slice":
+            return None
+        import numpy as np
+
+        affine = np.asarray(self.image.affine)
+        return [float(np.linalg.norm(affine[:3, i])) for i in range(self.image.ndim - 1)]
+
+    def canonical(self):
+        """The image in ``SLICE_AXCODES`` (volumes and 2D NIfTI/DICOM); PNG/JPG slices as they are.
+        Undo with :func:`from_canonical`."""
+        if self.kind == "slice":
+            return self.image
+        return self._orientation(self.image)
+
+    def from_canonical(self, canonical, array):
+        """``array`` (spatial shape of ``canonical``) back in the file's voxel order, exactly."""
+        import numpy as np
+        import torch
+
+        if self.kind == "slice":
+            return np.asarray(array)
+        from monai.data import MetaTensor
+
+        mt = MetaTensor(torch.as_tensor(np.asarray(array))[None], meta=dict(canonical.meta),
+                        applied_operations=list(canonical.applied_operations))
+        back = self._orientation.inverse(mt)
+        return np.asarray(back[0])
+
+
+def read_case(path: Path) -> Case:
+    """Read one case; a file that cannot be read raises :class:`InputError` naming it."""
+    path = Path(path)
+    kind = kind_of(path)
+    if kind == "slice":
+        import torch
+        from monai.data import MetaTensor
+
+        return Case(path, kind, MetaTensor(torch.as_tensor(read_slice(path))[None]))
+    if kind == "nifti":
+        return read_nifti(path)
+    return read_dicom(path)
+
+
+def read_slice(path: Path):
+    """(x, y) float32 array of a PNG/JPG in grey, as MONAI's PILReader lays it out."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            grey = im.convert("F") if im.mode in ("I", "I;16", "F") else im.convert("L")
+            return np.asarray(grey, dtype=np.float32).T
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"{path}: unreadable image ({e.__class__.__name__}: {e})") from None
+
+
+def read_nifti(path: Path) -> Case:
+    """A NIfTI (or other nibabel) volume through MONAI's ``NibabelReader``: RAS affine, float32;
+    a 4D series gives its first volume."""
+    import numpy as np
+    import torch
+    from monai.data import MetaTensor, NibabelReader
+
+    reader = NibabelReader()
+    try:
+        img = reader.read(str(path))
+        data, meta = reader.get_data(img)
+    except Exception as e:  # nibabel raises many types for broken files
+        raise InputError(f"{path}: unreadable NIfTI ({e.__class__.__name__}: {e})") from None
+    data = np.asarray(data, dtype=np.float32)
+    while data.ndim > 3 and data.shape[-1] >= 1:  # 4D (x, y, z, t): the first volume
+        data = data[..., 0]
+    if data.ndim not in (2, 3):
+        raise InputError(f"{path}: {data.ndim}D image of shape {data.shape}; give a 2D slice or a 3D volume")
+    affine = torch.as_tensor(np.asarray(meta["affine"], dtype=np.float64))
+    return Case(path, "nifti", MetaTensor(torch.as_tensor(data)[None], affine=affine), nifti=img)
+
+
+def read_dicom(path: Path) -> Case:
+    """A DICOM file or series folder: (x, y, z) float32 volume in slice order (by position along
+    the slice normal, not by file name) with its RAS affine (as ITK and MONAI define it)."""
+    import numpy as np
+    import pydicom
+    import torch
+    from monai.data import MetaTensor
+
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    datasets = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f)
+            ds.pixel_array  # noqa: B018  (decode now, so a broken file is reported by name)
+        except Exception as e:
+            raise InputError(f"{f}: unreadable DICOM ({e.__class__.__name__}: {e})") from None
+        datasets.append(ds)
+    if not datasets:
+        raise InputError(f"{path}: no DICOM files")
+    orientation = datasets[0].get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])
+    row_dir = np.array(orientation[:3], dtype=float)
+    col_dir = np.array(orientation[3:], dtype=float)
+    normal = np.cross(row_dir, col_dir)
+    position = lambda ds: np.array(ds.get("ImagePositionPatient", [0, 0, 0]), dtype=float)  # noqa: E731
+    datasets.sort(key=lambda ds: (float(position(ds) @ normal), int(ds.get("InstanceNumber", 0) or 0)))
+    first = datasets[0]
+    shapes = {ds.pixel_array.shape for ds in datasets}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise InputError(f"{path}: slices of different or multi-frame shapes {sorted(shapes)}")
+    volume = np.stack([_rescaled(ds).T for ds in datasets], axis=-1)  # (cols=x, rows=y, z)
+    dy, dx = (float(v) for v in first.get("PixelSpacing", [1, 1]))
+    if len(datasets) > 1:
+        step = (position(datasets[-1]) - position(datasets[0])) / (len(datasets) - 1)
+    else:
+        step = normal * float(first.get("SliceThickness", 1) or 1)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * dx, col_dir * dy, step, position(first)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS (DICOM) -> RAS (NIfTI, MONAI)
+    image = MetaTensor(torch.as_tensor(volume)[None], affine=torch.as_tensor(affine))
+    return Case(path, "dicom", image, datasets=datasets)
+
+
+def _rescaled(ds):
+    import numpy as np
+
+    arr = ds.pixel_array.astype(np.float32)
+    return arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)

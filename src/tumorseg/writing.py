@@ -1,0 +1,112 @@
+"""Writing a case's outputs: the mask in the input's own format and geometry (PNG; NIfTI with the
+input's affine and header; DICOM SEG referencing the source series), an overlay for a person,
+and a JSON summary. Every file is written atomically (``tumorseg.files.write_atomic``)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .files import write_atomic
+from .reading import SLICE_AXCODES
+
+# letters at the (top, bottom, left, right) of a canonical axial slice as panel() draws it
+RADIOLOGICAL_LETTERS = ("A", "P", "R", "L")
+assert SLICE_AXCODES == "LPS", "RADIOLOGICAL_LETTERS follow from SLICE_AXCODES"
+
+
+def png_bytes(mask_xy: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask_xy.T).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def nifti_gz_bytes(mask: np.ndarray, affine, header=None) -> bytes:
+    import gzip
+
+    import nibabel as nib
+
+    img = nib.Nifti1Image(mask.astype(np.uint8), np.asarray(affine, dtype=np.float64), header=header)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1, 0)
+    return gzip.compress(img.to_bytes(), mtime=0)
+
+
+def seg_bytes(mask: np.ndarray, datasets) -> bytes:
+    """DICOM SEG (highdicom) of an (x, y, z) mask in the series' slice order."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="tumour",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Neoplasm,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="tumorseg brain_tumor_mri_seg", version="0.1.0", family=codes.DCM.ArtificialIntelligence
+        ),
+    )
+    frames = np.stack([mask[:, :, k].T for k in range(mask.shape[2])]).astype(bool)  # (slices, rows, cols)
+    seg = hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment],
+        series_instance_uid=hd.UID(),
+        series_number=999,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="tumorseg",
+        manufacturer_model_name="brain_tumor_mri_seg",
+        software_versions="0.1.0",
+        device_serial_number="none",
+        omit_empty_frames=False,
+    )
+    buf = io.BytesIO()
+    seg.save_as(buf)
+    return buf.getvalue()
+
+
+def overlay_png(volume: np.ndarray, mask: np.ndarray, title: str, letters=None) -> bytes:
+    """The slice (or the up to three slices of a volume, along its last axis, with most tumour;
+    the middle one if none) with the prediction outlined in red; ``letters`` as in ``panel``."""
+    from .visualize import panel
+
+    if volume.ndim == 2:
+        picks = [(volume, mask, title)]
+    else:
+        area = mask.reshape(-1, mask.shape[-1]).sum(0)
+        order = [int(k) for k in np.argsort(-area)[:3] if area[k] > 0] or [mask.shape[-1] // 2]
+        picks = [(volume[..., k], mask[..., k], f"{title} slice {k}") for k in sorted(order)]
+    cases = [(img, np.zeros_like(msk, dtype=bool), msk, caption[:40]) for img, msk, caption in picks]
+    buf = io.BytesIO()
+    panel(cases, letters=letters).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_outputs(case, mask: np.ndarray, outputs: dict[str, Path], overlay: bytes, summary: dict) -> dict:
+    """Write the mask (in ``case``'s format and voxel order), ``overlay`` and the ``summary``
+    (with the paths added) to ``outputs`` (keys ``mask``, ``dicom_seg``, ``overlay``, ``summary``)."""
+    written = {}
+    if case.kind == "slice":
+        write_atomic(outputs["mask"], png_bytes(mask))
+    elif case.kind == "nifti":
+        shape = case.nifti.shape  # a 4D file with one volume keeps its 4D shape
+        data = mask.reshape(shape) if int(np.prod(shape)) == mask.size else mask
+        write_atomic(outputs["mask"], nifti_gz_bytes(data, case.nifti.affine, case.nifti.header.copy()))
+    else:
+        write_atomic(outputs["mask"], nifti_gz_bytes(mask, np.asarray(case.image.affine)))
+        write_atomic(outputs["dicom_seg"], seg_bytes(mask if mask.ndim == 3 else mask[..., None], case.datasets))
+        written["dicom_seg"] = outputs["dicom_seg"]
+    written["mask"] = outputs["mask"]
+    write_atomic(outputs["overlay"], overlay)
+    written["overlay"] = outputs["overlay"]
+    summary = {**summary, "outputs": {k: str(v) for k, v in written.items()}}
+    write_atomic(outputs["summary"], (json.dumps(summary, indent=1) + "\n").encode())
+    return summary
