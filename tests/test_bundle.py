@@ -109,6 +109,8 @@ def test_evaluate_on_cases_with_known_answers(tmp_path):
     tp, fp, fn = 400 + 200, 200 + 400, 200
     assert summary["global"]["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
     assert set(summary["poster"]) == {"global_accuracy", "mean_accuracy", "mean_iou", "weighted_iou", "mean_fscore"}
+    # presence per slice: both tumour slices found; of the two healthy ones, one left empty
+    assert summary["presence"] == {"sensitivity": 1.0, "specificity": 0.5, "tumour_slices": 2, "healthy_slices": 2}
 
 
 def test_evaluate_and_inference_on_the_trained_model(trained, evaluated, tmp_path):

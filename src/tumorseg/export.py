@@ -8,21 +8,32 @@ top-level ids MONAI Label's ``BundleInferTask`` looks for (``network_def``, ``pr
 the package's own flip TTA inferer and box fit, which it reaches, like ``train.yaml`` (for MONAI
 Label's ``BundleTrainTask``), through the copy of the package under ``scripts/tumorseg`` (MONAI
 puts a bundle's root on ``sys.path``).
+
+A re-export replaces the previous one only once the new one is built and checked beside it (its
+weights loaded into ``network_def``), never touches the source bundle, and keeps what others
+(MONAI Label) saved inside the export since: see ``export``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import re
+import secrets
 import shutil
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 
 from .bundle import BUNDLE
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# what an export wrote ({relative path: sha256}): a re-export replaces those files only, and keeps
+# any other file (or changed one) found in the export, e.g. weights MONAI Label saved there
+MANIFEST = ".tumorseg-export.json"
 # what inference needs from the merged config; training-only ids stay out
 INFERENCE_IDS = (
     "image_key", "label_key", "pred_key", "image_size", "channels", "strides", "num_res_units", "dropout",
@@ -72,37 +83,222 @@ def flattened_inference_config(bundle: Path = BUNDLE, overrides: dict | None = N
     return json.loads(text)
 
 
-def export(
-    out: Path, bundle: Path = BUNDLE, checkpoint: Path | None = None, make_zip: bool = False, overrides: dict | None = None
-) -> Path:
-    """Write ``<out>/<bundle name>/`` (and ``<out>/<bundle name>.zip`` with ``make_zip``)."""
-    checkpoint = Path(checkpoint or bundle / "models" / "model.pt")
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: no model weights to export (train first, or give --checkpoint)")
-    target = Path(out) / bundle.name
-    if target.exists():
-        shutil.rmtree(target)
-    (target / "configs").mkdir(parents=True)
-    (target / "models").mkdir()
-    config = flattened_inference_config(bundle, overrides)
-    (target / "configs" / "inference.json").write_text(json.dumps(config, indent=2) + "\n")
+class ExportError(Exception):
+    """A refusal or a failed check, about one path; ``main`` prints it as one ``error:`` line."""
+
+    def __init__(self, path: Path | str, problem: str):
+        super().__init__(f"{path}: {' '.join(str(problem).split())}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(root: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of the files under ``root``, without the manifest and without
+    Python's byte-code caches (``__pycache__``: written when MONAI imports ``scripts.tumorseg``,
+    derived from the exported sources and rebuilt by Python, so not worth keeping)."""
+    return {
+        path.relative_to(root).as_posix(): _sha256(path)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.relative_to(root).as_posix() != MANIFEST and "__pycache__" not in path.relative_to(root).parts
+    }
+
+
+def _weights(path: Path, network) -> tuple[object, dict]:
+    """What ``torch.load(path, weights_only=True)`` gives, and the state dict in it, after checking
+    that the state dict loads into ``network``: a file of the wrong kind or of another
+    architecture would otherwise be exported and only fail later, inside MONAI Label. A training
+    checkpoint (``{"model": state_dict, "optimizer": ...}``, as in ``models/last``) gives its model."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols: the error line says enough
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # pickle, zip and weights_only errors: the file is not plain weights
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n\n", str(e), re.S)
+        detail = detail.group(1) if detail else (str(e).splitlines() or [""])[0]
+        raise ExportError(path, f"not loadable with torch.load(weights_only=True) ({type(e).__name__}: {detail})")
+    state = loaded["model"] if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict) else loaded
+    if not isinstance(state, dict):
+        raise ExportError(path, f"not a state dict (a {type(state).__name__})")
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise ExportError(path, f"weights do not fit the bundle's network_def: {detail[:200]}{'...' if len(detail) > 200 else ''}")
+    return loaded, state
+
+
+def _previous_export(target: Path) -> dict[str, str] | None:
+    """The manifest (``{relative path: sha256}``) of the export at ``target``, ``None`` when there
+    is nothing to replace. A non-empty folder without a manifest was not made by this command, so
+    replacing it could destroy someone's work: refused."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ExportError(target, "exists and is not a folder; move it away or choose another output folder")
+    if not target.exists():
+        return None
+    manifest = target / MANIFEST
+    if not manifest.is_file():
+        if any(target.iterdir()):
+            raise ExportError(target, f"exists and was not made by tumorseg-export (no {MANIFEST}); move it away or choose another output folder")
+        return {}
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(manifest, f"unreadable export manifest ({e}); move the export away or repair it")
+    return dict(files)
+
+
+def _write_bundle(stage: Path, bundle: Path, checkpoint: Path, weights: tuple, overrides: dict | None) -> None:
+    """The export's own files, written into ``stage``; ``weights`` is what ``_weights`` gave."""
+    (stage / "configs").mkdir()
+    (stage / "models").mkdir()
+    try:
+        config = flattened_inference_config(bundle, overrides)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ExportError(bundle / "configs", f"cannot build the inference config: {e}")
+    (stage / "configs" / "inference.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in ("metadata.json", "logging.conf"):
-        shutil.copy(bundle / "configs" / name, target / "configs" / name)
+        shutil.copy(bundle / "configs" / name, stage / "configs" / name)
     train = (bundle / "configs" / "train.yaml").read_text()
     train = train.replace("$import tumorseg\n", "$import scripts.tumorseg as tumorseg\n")
     train = train.replace("_target_: tumorseg.", "_target_: scripts.tumorseg.").replace("bundle_root: bundles/brain_tumor_mri_seg", "bundle_root: .")
-    (target / "configs" / "train.yaml").write_text(train)
-    shutil.copy(checkpoint, target / "models" / "model.pt")
-    shutil.copytree(bundle / "docs", target / "docs")
-    shutil.copy(bundle / "LICENSE", target / "LICENSE")
-    scripts = target / "scripts"
+    (stage / "configs" / "train.yaml").write_text(train)
+    loaded, state = weights
+    if loaded is state:
+        shutil.copy(checkpoint, stage / "models" / "model.pt")
+    else:  # a training checkpoint: only its model, as a plain state dict
+        import torch
+
+        torch.save(state, stage / "models" / "model.pt")
+    shutil.copytree(bundle / "docs", stage / "docs")
+    shutil.copy(bundle / "LICENSE", stage / "LICENSE")
+    scripts = stage / "scripts"
     scripts.mkdir()
     (scripts / "__init__.py").write_text("")
     shutil.copytree(PACKAGE_DIR, scripts / "tumorseg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    if make_zip:
-        with zipfile.ZipFile(target.with_suffix(".zip"), "w", zipfile.ZIP_DEFLATED) as zf:
-            for path in sorted(target.rglob("*")):
-                zf.write(path, path.relative_to(target.parent))
+
+
+def _verify(stage: Path, network) -> None:
+    """The built export, read back before it replaces anything."""
+    config = stage / "configs" / "inference.json"
+    try:
+        json.loads(config.read_text())
+    except ValueError as e:
+        raise ExportError(config, f"not valid JSON: {e}")
+    _weights(stage / "models" / "model.pt", network)
+
+
+def _carry_over(previous: Path, stage: Path, manifest: dict[str, str], own: dict[str, str]) -> tuple[list[str], list[str]]:
+    """Copy into ``stage`` every file of the previous export that this command did not write
+    there (not in its manifest, or changed since): e.g. weights MONAI Label trained and saved in
+    ``models/``. Where such a file sits at a path the new export also writes (MONAI Label's
+    retrained ``models/model.pt``), the file found there is kept and the new version is dropped:
+    the new export never overwrites work it did not make. Removes those paths from ``own`` (the
+    new manifest) so the next export keeps them too. Returns (kept files, kept instead of ours)."""
+    kept, conflicts = [], []
+    for rel, sha in _files(previous).items():
+        if manifest.get(rel) == sha or own.get(rel) == sha:
+            continue
+        dst = stage / rel
+        if dst.is_dir():
+            raise ExportError(previous / rel, "a file where the new export has a folder; move it away")
+        if rel in own:
+            conflicts.append(rel)
+            del own[rel]
+        kept.append(rel)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(previous / rel, dst, follow_symlinks=False)
+    for folder in previous.rglob("*"):  # empty folders others made
+        if folder.is_dir() and "__pycache__" not in folder.relative_to(previous).parts:
+            (stage / folder.relative_to(previous)).mkdir(parents=True, exist_ok=True)
+    return kept, conflicts
+
+
+def _zip(stage: Path, name: str, path: Path) -> None:
+    with zipfile.ZipFile(path, "x", zipfile.ZIP_DEFLATED) as zf:
+        for file in sorted(stage.rglob("*")):
+            zf.write(file, Path(name) / file.relative_to(stage))
+
+
+def export(
+    out: Path, bundle: Path = BUNDLE, checkpoint: Path | None = None, make_zip: bool = False, overrides: dict | None = None,
+    report=print,
+) -> Path:
+    """Write ``<out>/<bundle name>/`` (and ``<out>/<bundle name>.zip`` with ``make_zip``).
+
+    The export is built and checked in a temporary sibling folder, then swapped in by renames
+    (old aside, new in place, old deleted): a failure before the swap (bad weights, full disk,
+    killed process) leaves the previous export exactly as it was. Files others wrote into the
+    previous export are carried over (see ``_carry_over``) and reported through ``report``.
+    Raises ``ExportError`` for refusals and failed checks, ``OSError`` for file system errors.
+    """
+    out, bundle = Path(out), Path(bundle)
+    checkpoint = Path(checkpoint or bundle / "models" / "model.pt")
+    target = out / bundle.name
+    if not checkpoint.is_file():
+        raise ExportError(checkpoint, "no model weights to export (train first, or give --checkpoint)")
+    if out.exists() and not out.is_dir():
+        raise ExportError(out, "the output folder is an existing file")
+    source, resolved = bundle.resolve(), target.resolve()
+    if resolved == source or source in resolved.parents or resolved in source.parents:
+        raise ExportError(target, f"would replace or lie inside the source bundle {bundle}; choose another output folder")
+    manifest = _previous_export(target)
+
+    from .bundle import inference_parser
+
+    try:
+        network = inference_parser(bundle, overrides).get_parsed_content("network_def")
+    except Exception as e:  # MONAI's config errors come in many types
+        raise ExportError(bundle / "configs", f"network_def does not build: {e}")
+    weights = _weights(checkpoint, network)  # before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    stage, aside = out / f".{bundle.name}.tmp-{token}", out / f".{bundle.name}.old-{token}"
+    zip_path, zip_tmp = out / f"{bundle.name}.zip", out / f".{bundle.name}.zip.tmp-{token}"
+    stage.mkdir()  # not mkdtemp: its 0700 mode would stay on the export
+    swapped = False
+    try:
+        _write_bundle(stage, bundle, checkpoint, weights, overrides)
+        _verify(stage, network)
+        own = _files(stage)
+        kept, conflicts = _carry_over(target, stage, manifest, own) if manifest is not None else ([], [])
+        (stage / MANIFEST).write_text(json.dumps({"tool": "tumorseg-export", "files": own}, indent=1) + "\n")
+        if make_zip:
+            _zip(stage, bundle.name, zip_tmp)
+        if manifest is not None:
+            os.rename(target, aside)
+            try:
+                os.rename(stage, target)
+            except OSError:
+                os.rename(aside, target)
+                raise
+        else:
+            os.rename(stage, target)
+        swapped = True
+        if make_zip:
+            os.replace(zip_tmp, zip_path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        zip_tmp.unlink(missing_ok=True)
+        if swapped and aside.exists():
+            try:
+                shutil.rmtree(aside)
+            except OSError as e:  # the new export is in place; only the old copy is left over
+                print(f"warning: {aside}: the previous export could not be removed ({e.strerror or e})", file=sys.stderr)
+    if kept:
+        line = f"kept {len(kept)} file(s) added or changed in the export since it was made: {', '.join(kept)}"
+        if conflicts:
+            line += f"; the new {', '.join(conflicts)} was not written over them (move them away to export yours)"
+        report(line)
     return target
 
 
@@ -120,8 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.set)
     try:
         target = export(args.output, args.bundle, args.checkpoint, args.zip, overrides)
-    except FileNotFoundError as e:
+    except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # full disk, read-only or forbidden folder, missing bundle file...
+        problem = " ".join(str(e.strerror or e).split())[:300]
+        print(f"error: {e.filename or args.output}: {problem}", file=sys.stderr)
         return 1
     print(f"exported {target}")
     return 0

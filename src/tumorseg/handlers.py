@@ -269,6 +269,8 @@ class SegmentationReport(_CaseCollector):
         figures = {f"{self.prefix}{key}": stats["mean"] for key, stats in self.summary["per_image"].items()}
         for group in ("global", "poster"):
             figures.update({f"{self.prefix}{group}_{key}": value for key, value in self.summary[group].items()})
+        figures.update({f"{self.prefix}slice_{key}": float(value) for key, value in self.summary["presence"].items()
+                        if key in ("sensitivity", "specificity") and value == value})  # NaN: no such slices
         engine.state.metrics.update(figures)
         if not _is_rank0():
             return

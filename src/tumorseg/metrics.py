@@ -13,6 +13,9 @@ Conventions (applied by every function here, and by the bundle's validation metr
   empty, the grid's diagonal when exactly one is empty (the worst possible distance).
 - Per-image figures are averaged over images ("mean"); pooled ("global") figures sum TP, FP
   and FN over all images first, weighting large tumours more.
+- Presence, per slice: sensitivity is the share of slices with tumour that get any prediction,
+  specificity the share of slices without tumour that get none (NaN where a list has no such
+  slice: the ``presence`` list of ``data_tools.healthy`` holds both kinds).
 """
 
 from __future__ import annotations
@@ -91,6 +94,18 @@ def poster_metrics(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
     }
 
 
+def presence(rows: list[dict]) -> dict[str, float]:
+    """Slice-level sensitivity and specificity of per-image rows (counts ``tp``, ``fp``, ``fn``)."""
+    tumour = [r["tp"] + r["fp"] > 0 for r in rows if r["tp"] + r["fn"] > 0]
+    healthy = [r["fp"] == 0 for r in rows if r["tp"] + r["fn"] == 0]
+    return {
+        "sensitivity": float(np.mean(tumour)) if tumour else float("nan"),
+        "specificity": float(np.mean(healthy)) if healthy else float("nan"),
+        "tumour_slices": len(tumour),
+        "healthy_slices": len(healthy),
+    }
+
+
 def summarize(rows: list[dict]) -> dict:
     """Summary of per-image rows (as made by :func:`image_metrics`): mean, median and pooled figures."""
     if not rows:
@@ -105,6 +120,7 @@ def summarize(rows: list[dict]) -> dict:
         "images_with_tumour": sum(1 for r in rows if r["tp"] + r["fn"] > 0),
         "per_image": per_image,
         "global": from_counts(totals["tp"], totals["fp"], totals["fn"]),
+        "presence": presence(rows),
         "poster": poster_metrics(**totals),
         "pixel_counts": totals,
     }

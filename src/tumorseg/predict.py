@@ -108,7 +108,7 @@ def output_stems(cases: list[Path]) -> list[str]:
     return stems
 
 
-def predict_case(predictor, path: Path, output: Path, axis: int | None = None, keep_largest: bool = False,
+def predict_case(predictor, path: Path, output, axis: int | None = None, keep_largest: bool = False,
                  stem: str | None = None) -> dict:
     """Predict one case and write its outputs; returns the JSON summary.
 
@@ -117,7 +117,7 @@ def predict_case(predictor, path: Path, output: Path, axis: int | None = None, k
     for volumes)."""
     import numpy as np
 
-    from .writing import RADIOLOGICAL_LETTERS, overlay_png, write_outputs
+    from .writing import RADIOLOGICAL_LETTERS, OutputFolder, encode_outputs, overlay_png
 
     case = read_case(path)
     stored = case.image[0].numpy()
@@ -153,6 +153,8 @@ def predict_case(predictor, path: Path, output: Path, axis: int | None = None, k
         largest = KeepLargestConnectedComponent(applied_labels=[1])
         mask = largest(torch.as_tensor(mask[None].astype(np.uint8)))[0].numpy() > 0
         shown_mask = largest(torch.as_tensor(shown_mask[None].astype(np.uint8)))[0].numpy() > 0
+    folder = output if isinstance(output, OutputFolder) else OutputFolder(Path(output), {path})
+    output = folder.root
     stem = stem or _stem(path)
     outputs = {"mask": output / f"{stem}_seg.{'png' if case.kind == 'slice' else 'nii.gz'}",
                "dicom_seg": output / f"{stem}_seg.dcm", "overlay": output / f"{stem}_overlay.png",
@@ -177,7 +179,9 @@ def predict_case(predictor, path: Path, output: Path, axis: int | None = None, k
         "keep_largest": keep_largest,
         "checkpoint": str(predictor.checkpoint),
     }
-    return write_outputs(case, mask, outputs, overlay_png(shown, shown_mask, stem, letters), summary)
+    files, summary = encode_outputs(case, mask, outputs, overlay_png(shown, shown_mask, Path(stem).name, letters), summary)
+    folder.write(files)
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,17 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from .predictor import Predictor
+    from .writing import OutputError, OutputFolder
 
+    if args.output.exists() and not args.output.is_dir():
+        print(f"error: {args.output}: the output must be a folder, and this is a file", file=sys.stderr)
+        return 2
     try:
         predictor = Predictor(args.bundle, args.checkpoint, overrides, tta=args.tta, box_fit=args.box_fit)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    protected = set(cases) | {f for c in cases if c.is_dir() for f in c.iterdir()}
+    folder = OutputFolder(args.output, protected)
     failed = 0
     for case, stem in tqdm(list(zip(cases, output_stems(cases))), unit="case", disable=args.no_progress or None):
         try:
-            predict_case(predictor, case, args.output, axis=args.axis, keep_largest=args.keep_largest, stem=stem)
-        except InputError as e:
+            predict_case(predictor, case, folder, axis=args.axis, keep_largest=args.keep_largest, stem=stem)
+        except (InputError, OutputError) as e:
             failed += 1
             tqdm.write(f"error: {e}", file=sys.stderr)
     print(f"{len(cases) - failed} of {len(cases) + len(errors)} inputs predicted into {args.output}")

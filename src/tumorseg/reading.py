@@ -127,8 +127,8 @@ def read_slice(path: Path):
 
 
 def read_nifti(path: Path) -> Case:
-    """A NIfTI (or other nibabel) volume through MONAI's ``NibabelReader``: RAS affine, float32;
-    a 4D series gives its first volume."""
+    """A NIfTI (or other nibabel) volume through MONAI's ``NibabelReader``: RAS affine, float32.
+    A 4D file must hold one volume (a time series is refused: which frame would be meant?)."""
     import numpy as np
     import torch
     from monai.data import MetaTensor, NibabelReader
@@ -140,7 +140,7 @@ def read_nifti(path: Path) -> Case:
     except Exception as e:  # nibabel raises many types for broken files
         raise InputError(f"{path}: unreadable NIfTI ({e.__class__.__name__}: {e})") from None
     data = np.asarray(data, dtype=np.float32)
-    while data.ndim > 3 and data.shape[-1] >= 1:  # 4D (x, y, z, t): the first volume
+    while data.ndim > 3 and data.shape[-1] == 1:  # (x, y, z, 1)
         data = data[..., 0]
     if data.ndim not in (2, 3):
         raise InputError(f"{path}: {data.ndim}D image of shape {data.shape}; give a 2D slice or a 3D volume")

@@ -4,6 +4,7 @@ and a JSON summary. Every file is written atomically (``tumorseg.files.write_ato
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -90,23 +91,82 @@ def overlay_png(volume: np.ndarray, mask: np.ndarray, title: str, letters=None) 
     return buf.getvalue()
 
 
-def write_outputs(case, mask: np.ndarray, outputs: dict[str, Path], overlay: bytes, summary: dict) -> dict:
-    """Write the mask (in ``case``'s format and voxel order), ``overlay`` and the ``summary``
-    (with the paths added) to ``outputs`` (keys ``mask``, ``dicom_seg``, ``overlay``, ``summary``)."""
-    written = {}
+class OutputError(Exception):
+    """An output that must not or cannot be written; reported as one line naming the file."""
+
+
+class OutputFolder:
+    """The output folder of ``tumorseg-predict``: writes a case's files only where that overwrites
+    nothing the command did not create, and records what it wrote.
+
+    ``.tumorseg-predict.json`` in the folder lists every file written (relative path -> SHA-256).
+    A file may be replaced only if it is listed there with its current content (a re-run, or a
+    resumed one); anything else already there (a BIDS sidecar, a file edited since, an input) is
+    refused, as is any path in ``protected`` (the inputs). A case's files are encoded first and
+    written together: if one write fails, the ones written for that case are removed again.
+    """
+
+    MANIFEST = ".tumorseg-predict.json"
+
+    def __init__(self, root: Path, protected: set[Path] = frozenset()):
+        self.root = Path(root)
+        self.protected = {Path(p).resolve() for p in protected}
+        path = self.root / self.MANIFEST
+        try:
+            self.written = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            self.written = {}  # unreadable: nothing counts as ours, so nothing is overwritten
+
+    @staticmethod
+    def _digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def _check(self, path: Path) -> None:
+        if path.resolve() in self.protected:
+            raise OutputError(f"{path}: is an input; not overwritten")
+        if path.is_symlink() or path.exists():
+            rel = path.relative_to(self.root).as_posix()
+            if not path.is_file() or path.is_symlink() or self.written.get(rel) != self._digest(path):
+                raise OutputError(f"{path}: exists and was not written by tumorseg-predict; not overwritten")
+
+    def write(self, files: dict[Path, bytes]) -> None:
+        for path in files:
+            self._check(path)
+        done = []
+        try:
+            for path, data in files.items():
+                existed = path.exists()
+                write_atomic(path, data)
+                if not existed:
+                    done.append(path)
+                self.written[path.relative_to(self.root).as_posix()] = hashlib.sha256(data).hexdigest()
+            write_atomic(self.root / self.MANIFEST, (json.dumps(self.written, indent=0, sort_keys=True) + "\n").encode())
+        except OSError as e:
+            for path in done:
+                path.unlink(missing_ok=True)
+            where = getattr(e, "filename", None) or next(iter(files))
+            raise OutputError(f"{where}: cannot write ({e.strerror or e.__class__.__name__})") from None
+
+
+def encode_outputs(case, mask: np.ndarray, outputs: dict[str, Path], overlay: bytes, summary: dict) -> tuple[dict, dict]:
+    """The bytes of every output of a case (mask in ``case``'s format and voxel order, DICOM SEG
+    for DICOM, ``overlay``, the ``summary`` with the paths added), keyed by path; and the summary."""
+    files = {}
     if case.kind == "slice":
-        write_atomic(outputs["mask"], png_bytes(mask))
+        files[outputs["mask"]] = png_bytes(mask)
     elif case.kind == "nifti":
         shape = case.nifti.shape  # a 4D file with one volume keeps its 4D shape
         data = mask.reshape(shape) if int(np.prod(shape)) == mask.size else mask
-        write_atomic(outputs["mask"], nifti_gz_bytes(data, case.nifti.affine, case.nifti.header.copy()))
+        files[outputs["mask"]] = nifti_gz_bytes(data, case.nifti.affine, case.nifti.header.copy())
     else:
-        write_atomic(outputs["mask"], nifti_gz_bytes(mask, np.asarray(case.image.affine)))
-        write_atomic(outputs["dicom_seg"], seg_bytes(mask if mask.ndim == 3 else mask[..., None], case.datasets))
-        written["dicom_seg"] = outputs["dicom_seg"]
-    written["mask"] = outputs["mask"]
-    write_atomic(outputs["overlay"], overlay)
-    written["overlay"] = outputs["overlay"]
-    summary = {**summary, "outputs": {k: str(v) for k, v in written.items()}}
-    write_atomic(outputs["summary"], (json.dumps(summary, indent=1) + "\n").encode())
-    return summary
+        files[outputs["mask"]] = nifti_gz_bytes(mask, np.asarray(case.image.affine))
+        try:
+            files[outputs["dicom_seg"]] = seg_bytes(mask if mask.ndim == 3 else mask[..., None], case.datasets)
+        except Exception as e:  # highdicom checks the source series: say what it missed
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+            raise OutputError(f"{case.path}: no DICOM SEG could be made from this series ({first})") from None
+    files[outputs["overlay"]] = overlay
+    kinds = {path: key for key, path in outputs.items()}
+    summary = {**summary, "outputs": {kinds[p]: str(p) for p in files}}
+    files[outputs["summary"]] = (json.dumps(summary, indent=1) + "\n").encode()
+    return files, summary
