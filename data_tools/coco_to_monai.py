@@ -342,7 +342,7 @@ def _shape(ann: dict, entry: ImageEntry, json_path: Path) -> tuple[dict, str | N
             raise ConversionError(
                 json_path, f"annotation id {aid}: a polygon must be a list of at least 3 finite x,y pairs"
             )
-    if not empty and not sum(_polygon_area(p) for p in polys) >= MIN_POLYGON_AREA:
+    if not empty and sum(_polygon_area(p) for p in polys) < MIN_POLYGON_AREA:  # NaN (inf - inf) is drawn
         empty = "its polygons have zero area"
     return {"polygons": polys}, empty
 

@@ -4,17 +4,21 @@ The Kaggle set has no slice without tumour, so a network trained on it alone pai
 every brain it sees. This stage adds negatives, each with an all-zero label, from the only
 healthy MRI to be had offline:
 
-- ``mni_t1``, ``mni_gm``, ``mni_wm`` (training): every axial slice holding brain of nilearn's
-  MNI152 2009a template (T1 and its grey/white-matter maps, read as other contrasts), each
-  drawn ``--variants`` times with random framing (zoom out, shift), quarter turns (the Kaggle
-  slices come in all four), gamma, noise, blur, and a bright ring standing in for the skull.
-- ``mirror`` (training from ``training``, checking from ``validation``): Kaggle slices whose
-  tumour box lies in one half of the head, with that half replaced by the mirror image of the
-  other (the axis of symmetry is the one of the two image axes about which the slice is most
-  symmetric). Real scans with skull, contrast and framing of the training data, and no tumour.
+- ``mni_t1``, ``mni_gm``, ``mni_wm``, ``epi``, ``phantom`` (training): every axial slice holding
+  brain (or phantom) of nilearn's MNI152 2009a template (T1 and its grey/white-matter maps, read
+  as other contrasts), of both frames of nibabel's real EPI series ``example4d`` and of its Philips
+  phantom EPI, each drawn ``--variants`` times (the tissue maps and the phantom: once) with random
+  framing (zoom out, shift), quarter turns (the Kaggle slices come in all four), a lower
+  acquisition resolution, a bias field, gamma, inversion (T2-like), noise, blur, and a bright ring
+  standing in for the skull.
 - ``synthetic`` (training): black, constant, gradient and noise images.
-- ``heldout_*`` (checking only, never trained on): nibabel's real test volumes (an EPI frame,
-  a T1 crop, a Talairach T1 at 3 mm) and pydicom's ``MR_small``; see ``HELDOUT``.
+- ``heldout_*`` (checking only, never trained on): nibabel's real T1 volumes (a crop at 2 mm and
+  a Talairach-space head at 3 mm); see ``HELDOUT``.
+- ``mirror_validation`` (checking only): Kaggle ``valid`` slices whose tumour box lies in one
+  half of the head, with that half replaced by the mirror image of the other (the axis of
+  symmetry is the one of the two image axes about which the slice is most symmetric): scans with
+  the skull, contrast and framing of the training data, and no tumour. Trained on, such slices
+  cost Dice (``docs/README.md``), so they only measure in-domain specificity.
 
 Every volume is put in the canonical slice orientation first (``tumorseg.reading``), so its
 slices look like the ones the predictor will feed the network.
@@ -56,13 +60,14 @@ def _nibabel_data() -> Path:
     return Path(data_path)
 
 
-TRAIN_VOLUMES = {  # source name: path of the volume
-    "mni_t1": lambda: _nilearn_data() / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-    "mni_gm": lambda: _nilearn_data() / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
-    "mni_wm": lambda: _nilearn_data() / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+TRAIN_VOLUMES = {  # source name: (path of the volume, frames of a 4D series, random views per slice)
+    "mni_t1": (lambda: _nilearn_data() / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", (0,), None),
+    "mni_gm": (lambda: _nilearn_data() / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz", (0,), 1),
+    "mni_wm": (lambda: _nilearn_data() / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz", (0,), 1),
+    "epi": (lambda: _nibabel_data() / "example4d.nii.gz", (0, 1), None),
+    "phantom": (lambda: _nibabel_data() / "phantom_EPI_asc_CLEAR_2_1.PAR", (0,), 1),
 }
 HELDOUT = {  # never trained on: the check of generalisation to other scanners and contrasts
-    "heldout_epi": lambda: _nibabel_data() / "example4d.nii.gz",
     "heldout_t1crop": lambda: _nibabel_data() / "anatomical.nii",
     "heldout_tlrc": lambda: _nibabel_data() / "scaled+tlrc.HEAD",
 }
@@ -87,19 +92,21 @@ def _fit(slice_xy: np.ndarray, size: int = SIZE) -> np.ndarray:
     return np.asarray(SpatialPad(spatial_size=(size, size))(x))[0]
 
 
-def canonical_volume(path: Path) -> np.ndarray:
-    """(x, y, z) float32 volume of a NIfTI/AFNI file in the canonical slice orientation, [0, 1]."""
+def canonical_volume(path: Path, frame: int = 0) -> np.ndarray:
+    """(x, y, z) float32 volume (``frame`` of a 4D series) of any file nibabel reads, in the
+    canonical slice orientation, scaled to [0, 1]."""
     import tempfile
 
     import nibabel as nib
 
     from tumorseg.reading import read_case
 
-    if not path.name.endswith((".nii", ".nii.gz")):  # AFNI: through a NIfTI copy (first volume)
-        img = nib.load(path)
+    img = nib.load(path)
+    if len(img.shape) > 3 or not path.name.endswith((".nii", ".nii.gz")):  # through a 3D NIfTI copy
         data = np.asarray(img.dataobj, dtype=np.float32)
+        data = data.reshape(*data.shape[:3], -1)[..., frame]
         with tempfile.TemporaryDirectory() as tmp:
-            nib.save(nib.Nifti1Image(data[..., 0] if data.ndim > 3 else data, img.affine), f"{tmp}/v.nii.gz")
+            nib.save(nib.Nifti1Image(data, img.affine), f"{tmp}/v.nii.gz")
             return canonical_volume(Path(tmp) / "v.nii.gz")
     volume = read_case(path).canonical()[0].numpy().astype(np.float32)
     lo, hi = float(volume.min()), float(volume.max())
@@ -113,10 +120,12 @@ def brain_slices(volume: np.ndarray, min_fraction: float = 0.05) -> list[np.ndar
 
 
 def augment(slice_xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One random view of a healthy slice: skull ring, framing, quarter turn, contrast, noise."""
+    """One random view of a healthy slice: skull ring, framing, quarter turn, resolution, bias
+    field, contrast (gamma, inversion), noise, blur."""
     from scipy import ndimage
 
     s = slice_xy.astype(np.float32)
+    head = ndimage.binary_fill_holes(s > 0.1)
     if rng.random() < 0.5:  # a skull: bright ring a few pixels outside the brain
         brain = ndimage.binary_fill_holes(s > 0.1)
         gap, width = rng.integers(1, 6), rng.integers(3, 9)
@@ -129,8 +138,22 @@ def augment(slice_xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     shift = [int(rng.integers(-p[0] // 2 - 1, p[0] // 2 + 1)) for p in pad]
     s = np.roll(s, shift, axis=(0, 1))
     s = np.rot90(s, k=int(rng.integers(4)))
-    s = _fit(s)
-    s = np.clip(s, 0, None) ** rng.uniform(0.6, 1.6)
+    if rng.random() < 0.4:  # a coarser acquisition (2-4 mm voxels), seen at the network's size
+        factor = rng.uniform(1.5, 4.0)
+        small = _fit(s, max(16, int(max(s.shape) / factor)))
+        s = _fit(small)
+    else:
+        s = _fit(s)
+    s = np.clip(s, 0, None)
+    if rng.random() < 0.3:  # a smooth bias field, as surface coils leave it
+        xs = np.linspace(-1, 1, s.shape[0])[:, None] * rng.uniform(-1, 1)
+        ys = np.linspace(-1, 1, s.shape[1])[None, :] * rng.uniform(-1, 1)
+        s = s * np.exp(0.5 * (xs + ys))
+    if rng.random() < 0.15:  # inverted contrast inside the head (fluid bright, as in T2)
+        inside = _fit(head.astype(np.float32)) > 0.5 if head.shape == slice_xy.shape else s > 0.05
+        s = np.where(inside & (s > 0.02), s.max() - s + 0.05, s)
+    s = np.clip(s, 0, None)
+    s = (s / s.max() if s.max() > 0 else s) ** rng.uniform(0.6, 1.6)
     if rng.random() < 0.3:
         s = ndimage.gaussian_filter(s, sigma=rng.uniform(0.5, 1.5))
     if rng.random() < 0.5:
@@ -230,25 +253,26 @@ def main(argv: list[str] | None = None) -> int:
         return {"image": rel_img, "label": rel_lab}
 
     negatives, heldout, counts = [], [], {}
-    for source, locate in TRAIN_VOLUMES.items():
-        slices = brain_slices(canonical_volume(locate()))
-        views = args.variants if source == "mni_t1" else 1
-        step = 1 if source == "mni_t1" else 3  # the tissue maps: every third slice, as a contrast variant
-        items = [write(source, f"{source}_{k:03d}_{v}", augment(s, rng), zero)
-                 for k, s in enumerate(slices[::step]) for v in range(views)]
+    for source, (locate, frames, views) in TRAIN_VOLUMES.items():
+        views = views or args.variants
+        step = 3 if source.startswith("mni_") and source != "mni_t1" else 1  # tissue maps: a contrast variant
+        items = []
+        for frame in frames:
+            slices = brain_slices(canonical_volume(locate(), frame))
+            items += [write(source, f"{source}_{frame}_{k:03d}_{v}", augment(s, rng), zero)
+                      for k, s in enumerate(slices[::step]) for v in range(views)]
         negatives += items
         counts[source] = len(items)
     items = [write("synthetic", f"synthetic_{i:03d}", s, zero) for i, s in enumerate(synthetic(rng, args.synthetic))]
     negatives += items
     counts["synthetic"] = len(items)
-    for key, target in (("training", negatives), ("validation", heldout)):
-        n = 0
-        for item in datalist.get(key, []):
-            m = mirrored(args.dataset_dir / item["image"], args.dataset_dir / item["label"])
-            if m is not None:
-                target.append(write(f"mirror_{key}", "mirror_" + Path(item["image"]).stem, m))
-                n += 1
-        counts[f"mirror_{key}"] = n
+    n = 0
+    for item in datalist.get("validation", []):
+        m = mirrored(args.dataset_dir / item["image"], args.dataset_dir / item["label"])
+        if m is not None:
+            heldout.append(write("mirror_validation", "mirror_" + Path(item["image"]).stem, m))
+            n += 1
+    counts["mirror_validation"] = n
     for source, locate in HELDOUT.items():
         slices = brain_slices(canonical_volume(locate()))
         items = [write(source, f"{source}_{k:03d}", _fit(s)) for k, s in enumerate(slices)]

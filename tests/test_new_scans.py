@@ -142,7 +142,7 @@ def test_healthy_builder_reports_its_sources(tmp_path):
                      "--synthetic", "5")
     assert result.returncode == 0, result.stderr[-2000:]
     datalist = json.loads((tmp_path / "neg" / "datalist.json").read_text())
-    assert set(datalist["negatives"]) >= {"mni_t1", "synthetic", "mirror_training", "heldout_epi"}
+    assert set(datalist["negatives"]) >= {"mni_t1", "epi", "synthetic", "mirror_validation", "heldout_tlrc"}
     healthy = {Path(item["image"]).parent.name for item in datalist["healthy"]}
     trained = {Path(item["image"]).parent.name for item in datalist["training"]}
     assert not healthy & trained, "held-out sources must never be trained on"
