@@ -17,7 +17,7 @@ EVAL_CONFIGS  := "['$(BUNDLE)/configs/train.yaml','$(SETTINGS)','$(BUNDLE)/confi
 RUN_ARGS := --dataset_dir $(RUN)/dataset --ckpt_dir $(RUN)/models --output_dir $(RUN)/eval \
             --tracking configs/mlflow.json --tracking_dir $(TRACKING_DIR)
 
-.PHONY: setup demo test mlflow-ui clean monailabel-venv monailabel-app monailabel-serve model-card
+.PHONY: setup demo test lint mlflow-ui clean monailabel-venv monailabel-app monailabel-serve model-card
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# ruff (lint and format, configured in pyproject.toml); fails on any finding
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The model card's figures from the shipped weights, on the full Kaggle download:
 #   make model-card KAGGLE=<folder with train/ and valid/ COCO splits>

@@ -13,9 +13,8 @@ import copy
 from collections import Counter
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from common import Row, seconds_per_call
+from torch.utils.flop_counter import FlopCounterMode
 from training import fixed_batch_images_per_s
 
 
@@ -30,6 +29,7 @@ def forward_backward(network, loss_fn, image, label, autocast_dtype):
         with torch.autocast(image.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = loss_fn(network(image), label)
         loss.backward()
+
     return run
 
 
@@ -45,7 +45,9 @@ def conv_layers(network, image) -> Counter:
         keys.setdefault(key, module)
         seen[key] += 1
 
-    hooks = [m.register_forward_hook(record) for m in network.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    hooks = [
+        m.register_forward_hook(record) for m in network.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+    ]
     try:
         network(image)  # with autograd on, so the hooks see which inputs need a gradient
     finally:
@@ -63,6 +65,7 @@ def conv_alone(module, shape, needs_grad: bool, device, autocast_dtype):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = conv(x)
         out.backward(torch.ones_like(out))
+
     return run
 
 
@@ -71,13 +74,25 @@ def matmul_flops_per_s(n: int, device, dtype, min_seconds: float) -> float:
     return 2 * n**3 / seconds_per_call(lambda: a @ b, device, warmup=2, min_calls=3, min_seconds=min_seconds)
 
 
-def flops_rows(template_network, loss_fn, learning_rate, image, label, device, autocast_dtype, *,
-               iterations: int, min_seconds: float, matmul_size: int) -> list[Row]:
+def flops_rows(
+    template_network,
+    loss_fn,
+    learning_rate,
+    image,
+    label,
+    device,
+    autocast_dtype,
+    *,
+    iterations: int,
+    min_seconds: float,
+    matmul_size: int,
+) -> list[Row]:
     network = copy.deepcopy(template_network).to(device).train()
     step_flops = counted_flops(forward_backward(network, loss_fn, image, label, autocast_dtype))
     # the step as trained: zero grads, forward, loss, backward, Adam
-    step_seconds = image.shape[0] / fixed_batch_images_per_s(template_network, loss_fn, learning_rate, image, label, device,
-                                                             autocast_dtype=autocast_dtype, iterations=iterations)
+    step_seconds = image.shape[0] / fixed_batch_images_per_s(
+        template_network, loss_fn, learning_rate, image, label, device, autocast_dtype=autocast_dtype, iterations=iterations
+    )
     achieved = step_flops / step_seconds
 
     best, total_flops, total_seconds = 0.0, 0, 0.0
@@ -95,11 +110,29 @@ def flops_rows(template_network, loss_fn, learning_rate, image, label, device, a
     scale, unit = (1e12, "TFLOP/s") if device.type == "cuda" else (1e9, "GFLOP/s")
     where = f"{sum(layers.values())} conv calls, {len(layers)} distinct shapes"
     return [
-        Row("FLOP/s", "training step achieved (fwd+bwd+Adam)", achieved / scale, unit, achieved / best,
-            f"÷ best conv layer; {step_flops / 1e9:.3g} GFLOP counted per step"),
-        Row("FLOP/s", "network's convolutions alone, summed", total_flops / total_seconds / scale, unit,
-            total_flops / total_seconds / best, f"÷ best conv layer; {where}"),
+        Row(
+            "FLOP/s",
+            "training step achieved (fwd+bwd+Adam)",
+            achieved / scale,
+            unit,
+            achieved / best,
+            f"÷ best conv layer; {step_flops / 1e9:.3g} GFLOP counted per step",
+        ),
+        Row(
+            "FLOP/s",
+            "network's convolutions alone, summed",
+            total_flops / total_seconds / scale,
+            unit,
+            total_flops / total_seconds / best,
+            f"÷ best conv layer; {where}",
+        ),
         Row("FLOP/s", "best conv layer alone (ceiling)", best / scale, unit, 1.0, f"fwd+bwd, {dtype_name}"),
-        Row("FLOP/s", f"{matmul_size}x{matmul_size} matmul", matmul / scale, unit, matmul / best,
-            f"÷ best conv layer; {dtype_name} reference"),
+        Row(
+            "FLOP/s",
+            f"{matmul_size}x{matmul_size} matmul",
+            matmul / scale,
+            unit,
+            matmul / best,
+            f"÷ best conv layer; {dtype_name} reference",
+        ),
     ]

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 
-def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: float,
-                   volume_shape=(197, 233, 189)) -> list:
+def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: float, volume_shape=(197, 233, 189)) -> list:
     """Slices/s of the SlidingWindowInferer configured in inference.yaml against a bare forward
     of the same network on the same image_size square slice; the configured inferer as a whole
     (flip TTA around the window, when inference.yaml enables it); and the latency of a random
     volume through tumorseg-predict's whole path (zoom, inferer, threshold, zoom back)."""
     from common import Row, seconds_per_call
+
     from tumorseg.predictor import Predictor
 
     predictor = Predictor(checkpoint=checkpoint, overrides={"image_size": image_size})
@@ -39,27 +39,50 @@ def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: 
     sliding = per_s(lambda: window(slice_, network))
     rows = [
         Row("inference", f"plain forward, 1 slice {image_size}x{image_size}", forward, "slices/s", 1.0, "no_grad, fp32"),
-        Row("inference", "SlidingWindowInferer (inference.yaml)", sliding, "slices/s", sliding / forward,
+        Row(
+            "inference",
+            "SlidingWindowInferer (inference.yaml)",
+            sliding,
+            "slices/s",
+            sliding / forward,
             f"÷ plain forward; roi {getattr(window, 'roi_size', '?')}, overlap {getattr(window, 'overlap', '?')}, "
-            f"sw_batch {getattr(window, 'sw_batch_size', '?')}"),
+            f"sw_batch {getattr(window, 'sw_batch_size', '?')}",
+        ),
     ]
     if configured is not window and predictor.tta:
         whole = per_s(lambda: configured(slice_, network))
-        rows.append(Row("inference", "configured inferer: flip TTA + sliding window", whole, "slices/s", whole / forward,
-                        f"÷ plain forward; {len(configured.flips)} views (inference.yaml tta: true)"))
+        rows.append(
+            Row(
+                "inference",
+                "configured inferer: flip TTA + sliding window",
+                whole,
+                "slices/s",
+                whole / forward,
+                f"÷ plain forward; {len(configured.flips)} views (inference.yaml tta: true)",
+            )
+        )
     volume = np.random.default_rng(0).random(volume_shape, dtype=np.float32)
     predictor.predict_volume(volume[..., :2])  # warm-up
     start = time.perf_counter()
     predictor.predict_volume(volume, axis=2)
     seconds = time.perf_counter() - start
-    rows.append(Row("inference", f"random volume {'x'.join(map(str, volume_shape))}, tumorseg-predict", seconds,
-                    "s / volume", None, f"{volume_shape[-1] / seconds:.1f} slices/s; TTA {'on' if predictor.tta else 'off'}, "
-                    f"box fit {'on' if predictor.box_fit else 'off'} (config defaults)"))
+    rows.append(
+        Row(
+            "inference",
+            f"random volume {'x'.join(map(str, volume_shape))}, tumorseg-predict",
+            seconds,
+            "s / volume",
+            None,
+            f"{volume_shape[-1] / seconds:.1f} slices/s; TTA {'on' if predictor.tta else 'off'}, "
+            f"box fit {'on' if predictor.box_fit else 'off'} (config defaults)",
+        )
+    )
     return rows
 
 
 def main() -> None:
     from common import seconds_per_call
+
     from tumorseg.predictor import Predictor
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,9 +97,13 @@ def main() -> None:
     print(f"{'case':34s} {'TTA':>4s} {'seconds':>9s}")
     for tta in (False, True):
         predictor = Predictor(checkpoint=args.checkpoint, tta=tta)
-        t = seconds_per_call(lambda: predictor.predict_volume(slice_), predictor.device, warmup=1, min_calls=args.repeat)
+        t = seconds_per_call(
+            lambda predictor=predictor: predictor.predict_volume(slice_), predictor.device, warmup=1, min_calls=args.repeat
+        )
         print(f"{'one 256x256 slice':34s} {'on' if tta else 'off':>4s} {t:9.4f}")
-        t = seconds_per_call(lambda: predictor.predict_volume(volume, axis=2), predictor.device, warmup=1, min_calls=1)
+        t = seconds_per_call(
+            lambda predictor=predictor: predictor.predict_volume(volume, axis=2), predictor.device, warmup=1, min_calls=1
+        )
         print(f"{'MNI152 197x233x189 (189 slices)':34s} {'on' if tta else 'off':>4s} {t:9.2f}")
 
 

@@ -24,7 +24,6 @@ import traceback
 from pathlib import Path
 
 import torch
-
 from common import BUNDLE, Row, first_line, markdown_table
 from exports import export_rows
 from flops import flops_rows
@@ -32,10 +31,32 @@ from inference import inference_rows
 from training import autocast_dtype_of, dataset_or_sample, fixed_batch, train_parser, training_rows
 from tuning import tuning_rows
 
-FULL = dict(image_size=256, epochs=3, warmup_epochs=1, step_warmup=2, step_iterations=5, min_seconds=0.2, repeat=20,
-            matmul_cpu=2048, matmul_cuda=8192, volume_slices=189, compile_skip=None)
-QUICK = dict(image_size=64, epochs=2, warmup_epochs=1, step_warmup=1, step_iterations=3, min_seconds=0.02, repeat=5,
-             matmul_cpu=512, matmul_cuda=4096, volume_slices=24, compile_skip="--quick (compiling takes minutes)")
+FULL = dict(
+    image_size=256,
+    epochs=3,
+    warmup_epochs=1,
+    step_warmup=2,
+    step_iterations=5,
+    min_seconds=0.2,
+    repeat=20,
+    matmul_cpu=2048,
+    matmul_cuda=8192,
+    volume_slices=189,
+    compile_skip=None,
+)
+QUICK = dict(
+    image_size=64,
+    epochs=2,
+    warmup_epochs=1,
+    step_warmup=1,
+    step_iterations=3,
+    min_seconds=0.02,
+    repeat=5,
+    matmul_cpu=512,
+    matmul_cuda=4096,
+    volume_slices=24,
+    compile_skip="--quick (compiling takes minutes)",
+)
 
 
 def section(name: str, rows: list[Row], fn) -> None:
@@ -55,11 +76,16 @@ def section(name: str, rows: list[Row], fn) -> None:
 def print_header(device, autocast, size: int, batch_size: int, data: str, weights: Path, quick: bool) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     # the load tells whether other work shared the CPU while this ran
-    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    print(f"device: {device} ({name}){load}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
-    print(f"image size {size}x{size}, batch {batch_size}, {data}, bundle precision "
-          f"{'AMP fp16' if autocast else 'fp32'}, weights {weights}{' (--quick)' if quick else ''}\n", flush=True)
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(
+        f"device: {device} ({name}){load}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
+    print(
+        f"image size {size}x{size}, batch {batch_size}, {data}, bundle precision "
+        f"{'AMP fp16' if autocast else 'fp32'}, weights {weights}{' (--quick)' if quick else ''}\n",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -104,15 +130,49 @@ def main() -> None:
             return batches[b]
 
         section("training", rows, lambda: training_rows(dataset_dir, tmp, cfg["epochs"], cfg["warmup_epochs"], overrides))
-        section("FLOP/s", rows, lambda: flops_rows(
-            template, loss_fn, learning_rate, *get_batch(batch_size), device, autocast, iterations=cfg["step_iterations"],
-            min_seconds=cfg["min_seconds"], matmul_size=cfg["matmul_cuda" if device.type == "cuda" else "matmul_cpu"]))
-        section("inference", rows, lambda: inference_rows(weights, size, cfg["repeat"], cfg["min_seconds"],
-                                                                  volume_shape=(197, 233, cfg["volume_slices"])))
-        section("export", rows, lambda: export_rows(copy.deepcopy(template), weights, size, device, tmp, cfg["repeat"], cfg["min_seconds"]))
-        section("tuning", rows, lambda: tuning_rows(
-            template, loss_fn, learning_rate, get_batch, device, autocast, batch_size,
-            warmup=cfg["step_warmup"], iterations=cfg["step_iterations"], compile_skip_reason=cfg["compile_skip"]))
+        section(
+            "FLOP/s",
+            rows,
+            lambda: flops_rows(
+                template,
+                loss_fn,
+                learning_rate,
+                *get_batch(batch_size),
+                device,
+                autocast,
+                iterations=cfg["step_iterations"],
+                min_seconds=cfg["min_seconds"],
+                matmul_size=cfg["matmul_cuda" if device.type == "cuda" else "matmul_cpu"],
+            ),
+        )
+        section(
+            "inference",
+            rows,
+            lambda: inference_rows(
+                weights, size, cfg["repeat"], cfg["min_seconds"], volume_shape=(197, 233, cfg["volume_slices"])
+            ),
+        )
+        section(
+            "export",
+            rows,
+            lambda: export_rows(copy.deepcopy(template), weights, size, device, tmp, cfg["repeat"], cfg["min_seconds"]),
+        )
+        section(
+            "tuning",
+            rows,
+            lambda: tuning_rows(
+                template,
+                loss_fn,
+                learning_rate,
+                get_batch,
+                device,
+                autocast,
+                batch_size,
+                warmup=cfg["step_warmup"],
+                iterations=cfg["step_iterations"],
+                compile_skip_reason=cfg["compile_skip"],
+            ),
+        )
 
     print(markdown_table(rows))
     print(f"\ntotal {time.perf_counter() - started:.0f} s")

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import BUNDLE, REPO, Row, sync
 
 
@@ -38,8 +37,16 @@ def train_parser(dataset_dir: Path, max_epochs: int, out: Path, overrides: dict)
 
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
-    parser.update({"dataset_dir": str(dataset_dir), "max_epochs": max_epochs, "val_interval": max_epochs + 1,
-                   "ckpt_dir": str(out / "models"), "output_dir": str(out / "eval"), **overrides})
+    parser.update(
+        {
+            "dataset_dir": str(dataset_dir),
+            "max_epochs": max_epochs,
+            "val_interval": max_epochs + 1,
+            "ckpt_dir": str(out / "models"),
+            "output_dir": str(out / "eval"),
+            **overrides,
+        }
+    )
     return parser
 
 
@@ -115,6 +122,7 @@ def trainer_images_per_s(parser, epochs: int, warmup_epochs: int) -> float:
         def handler(_engine):
             sync(device)
             marks[name] = time.perf_counter()
+
         return handler
 
     if warmup_epochs:
@@ -139,10 +147,15 @@ def training_rows(dataset_dir: Path, tmp: Path, epochs: int, warmup_epochs: int,
     timed = f"{warmup_epochs} warm-up + {epochs} timed epochs"
     return [
         Row("training", "plain PyTorch loop (same net, loss, Adam, loader)", plain_rate, "images/s", 1.0, timed),
-        Row("training", "bundle SupervisedTrainer + handlers", trainer_rate, "images/s", trainer_rate / plain_rate,
-            "÷ plain loop: framework overhead"),
-        Row("data", "training loader alone", loader_rate, "images/s", loader_rate / plain_rate,
-            "÷ plain loop: loader headroom"),
+        Row(
+            "training",
+            "bundle SupervisedTrainer + handlers",
+            trainer_rate,
+            "images/s",
+            trainer_rate / plain_rate,
+            "÷ plain loop: framework overhead",
+        ),
+        Row("data", "training loader alone", loader_rate, "images/s", loader_rate / plain_rate, "÷ plain loop: loader headroom"),
     ]
 
 
@@ -160,8 +173,20 @@ def fixed_batch(parser, batch_size: int, device: torch.device):
     return images[index].to(device), labels[index].to(device)
 
 
-def fixed_batch_images_per_s(template_network, loss_fn, learning_rate: float, image, label, device: torch.device, *,
-                             autocast_dtype=None, channels_last=False, compile=False, warmup=2, iterations=5) -> float:
+def fixed_batch_images_per_s(
+    template_network,
+    loss_fn,
+    learning_rate: float,
+    image,
+    label,
+    device: torch.device,
+    *,
+    autocast_dtype=None,
+    channels_last=False,
+    compile=False,
+    warmup=2,
+    iterations=5,
+) -> float:
     """Training images/s on one batch held on the device, for a copy of ``template_network``
     (so every variant starts from the same weights); compilation happens in the warm-up."""
     network = copy.deepcopy(template_network).to(device).train()
@@ -198,9 +223,11 @@ def main() -> None:
         parser = train_parser(dataset_dir, 1, tmp, overrides)
         device, amp = parser.get_parsed_content("device"), bool(parser.get_parsed_content("amp"))
         n_images = len(parser.get_parsed_content("train#dataset"))
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"amp {amp}, torch threads {torch.get_num_threads()}, {n_images} images of "
-          f"{args.image_size}x{args.image_size}, batch {args.batch_size}, {args.warmup_epochs} warm-up + {args.epochs} timed epochs")
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+        f"amp {amp}, torch threads {torch.get_num_threads()}, {n_images} images of "
+        f"{args.image_size}x{args.image_size}, batch {args.batch_size}, {args.warmup_epochs} warm-up + {args.epochs} timed epochs"
+    )
     print(f"{'what':52s} {'images/s':>9s} {'ratio':>6s}  note")
     for r in rows:
         print(f"{r.what:52s} {r.value:9.1f} {r.ratio:6.2f}  {r.note}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from common import Row, first_line
 from training import fixed_batch_images_per_s
 
@@ -18,8 +17,10 @@ from training import fixed_batch_images_per_s
 def variants(device: torch.device, batch_size: int, compile_skip_reason: str | None) -> list[tuple[str, dict]]:
     """(name, changes from the baseline). ``compile_skip_reason``: why torch.compile is not
     tried in this run (it is slow to compile on a few CPU cores), or None to try it."""
-    rows = [("channels_last", {"channels_last": True}),
-            ("torch.compile (default mode)", {"compile": compile_skip_reason or True})]
+    rows = [
+        ("channels_last", {"channels_last": True}),
+        ("torch.compile (default mode)", {"compile": compile_skip_reason or True}),
+    ]
     if device.type == "cuda":
         rows = [("fp32 (AMP off)", {"autocast_dtype": None}), *rows, ("bf16 autocast", {"autocast_dtype": torch.bfloat16})]
     else:
@@ -30,7 +31,9 @@ def variants(device: torch.device, batch_size: int, compile_skip_reason: str | N
     return rows
 
 
-def measure(template_network, loss_fn, learning_rate, get_batch, device, settings: dict, warmup: int, iterations: int) -> tuple[float, float]:
+def measure(
+    template_network, loss_fn, learning_rate, get_batch, device, settings: dict, warmup: int, iterations: int
+) -> tuple[float, float]:
     """(images/s, seconds spent in the warm-up, where torch.compile compiles)."""
     threads = torch.get_num_threads()
     if settings.get("threads"):
@@ -38,29 +41,59 @@ def measure(template_network, loss_fn, learning_rate, get_batch, device, setting
     try:
         image, label = get_batch(settings["batch_size"])
         start = time.perf_counter()
-        rate = fixed_batch_images_per_s(template_network, loss_fn, learning_rate, image, label, device,
-                                        autocast_dtype=settings["autocast_dtype"], channels_last=settings.get("channels_last", False),
-                                        compile=settings.get("compile", False), warmup=warmup, iterations=iterations)
+        rate = fixed_batch_images_per_s(
+            template_network,
+            loss_fn,
+            learning_rate,
+            image,
+            label,
+            device,
+            autocast_dtype=settings["autocast_dtype"],
+            channels_last=settings.get("channels_last", False),
+            compile=settings.get("compile", False),
+            warmup=warmup,
+            iterations=iterations,
+        )
         warmup_seconds = time.perf_counter() - start - iterations * image.shape[0] / rate
         return rate, warmup_seconds
     finally:
         torch.set_num_threads(threads)
 
 
-def tuning_rows(template_network, loss_fn, learning_rate, get_batch, device, bundle_autocast, batch_size: int, *,
-                warmup: int, iterations: int, compile_skip_reason: str | None) -> list[Row]:
+def tuning_rows(
+    template_network,
+    loss_fn,
+    learning_rate,
+    get_batch,
+    device,
+    bundle_autocast,
+    batch_size: int,
+    *,
+    warmup: int,
+    iterations: int,
+    compile_skip_reason: str | None,
+) -> list[Row]:
     base = {"autocast_dtype": bundle_autocast, "batch_size": batch_size}
     precision = "AMP fp16" if bundle_autocast == torch.float16 else "fp32"
     base_rate, _ = measure(template_network, loss_fn, learning_rate, get_batch, device, base, warmup, iterations)
-    rows = [Row("tuning", f"baseline: {precision}, {torch.get_num_threads()} threads, batch {batch_size}", base_rate,
-                "images/s", 1.0, f"fixed batch on {device.type}, {warmup} warm-up + {iterations} timed steps")]
+    rows = [
+        Row(
+            "tuning",
+            f"baseline: {precision}, {torch.get_num_threads()} threads, batch {batch_size}",
+            base_rate,
+            "images/s",
+            1.0,
+            f"fixed batch on {device.type}, {warmup} warm-up + {iterations} timed steps",
+        )
+    ]
     for name, changes in variants(device, batch_size, compile_skip_reason):
         if isinstance(changes.get("compile"), str):
             rows.append(Row("tuning", name, None, "images/s", None, f"skipped: {changes['compile']}"))
             continue
         try:
-            rate, warmup_seconds = measure(template_network, loss_fn, learning_rate, get_batch, device, {**base, **changes},
-                                           warmup, iterations)
+            rate, warmup_seconds = measure(
+                template_network, loss_fn, learning_rate, get_batch, device, {**base, **changes}, warmup, iterations
+            )
         except Exception as e:  # e.g. torch.compile without a working compiler: say why, go on
             rows.append(Row("tuning", name, None, "images/s", None, f"failed: {first_line(e)}"))
             continue

@@ -339,9 +339,7 @@ def _shape(ann: dict, entry: ImageEntry, json_path: Path) -> tuple[dict, str | N
         raise ConversionError(json_path, f"annotation id {aid}: segmentation is neither polygons nor an RLE object")
     for poly in polys:
         if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0 and all(_is_number(v) for v in poly)):
-            raise ConversionError(
-                json_path, f"annotation id {aid}: a polygon must be a list of at least 3 finite x,y pairs"
-            )
+            raise ConversionError(json_path, f"annotation id {aid}: a polygon must be a list of at least 3 finite x,y pairs")
     if not empty and sum(_polygon_area(p) for p in polys) < MIN_POLYGON_AREA:  # NaN (inf - inf) is drawn
         empty = "its polygons have zero area"
     return {"polygons": polys}, empty
@@ -438,9 +436,7 @@ def _annotation_mask(ann: dict, entry: ImageEntry, mask_utils):
         else:  # uncompressed list of runs
             rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
         return mask_utils.decode(rle).astype(bool)
-    clipped = [
-        [min(max(v, 0.0), float(w if i % 2 == 0 else h)) for i, v in enumerate(poly)] for poly in ann["polygons"]
-    ]
+    clipped = [[min(max(v, 0.0), float(w if i % 2 == 0 else h)) for i, v in enumerate(poly)] for poly in ann["polygons"]]
     rles = mask_utils.frPyObjects(clipped, h, w)
     return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
 
@@ -525,7 +521,9 @@ def convert(
         "source": {},
     }
     total = sum(len(p.images) for p in plans)
-    bar = tqdm(total=total, unit="img", desc="converting", disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    bar = tqdm(
+        total=total, unit="img", desc="converting", disable=(not sys.stderr.isatty()) if progress is None else not progress
+    )
     with bar:
         for plan in plans:
             for w in plan.warnings:
@@ -572,8 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parse_split,
         default=[],
         metavar="KEY=FOLDER",
-        help="split folder for a datalist key (training, validation, test); "
-        "default training=train validation=valid test=test",
+        help="split folder for a datalist key (training, validation, test); default training=train validation=valid test=test",
     )
     p.add_argument("--keep-categories", action="store_true", help="mask value = COCO category_id instead of 1")
     p.add_argument("--no-progress", action="store_true", help="never show the progress bar")

@@ -243,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     zero = _png(np.zeros((SIZE, SIZE), np.float32))
 
     def rebase(items):
-        return [{k: os.path.relpath((args.dataset_dir / v).resolve(), out.resolve()) for k, v in item.items()}
-                for item in items]
+        return [{k: os.path.relpath((args.dataset_dir / v).resolve(), out.resolve()) for k, v in item.items()} for item in items]
 
     def write(source: str, name: str, image: np.ndarray, label: bytes | None = None) -> dict:
         rel_img, rel_lab = f"images/{source}/{name}.png", f"labels/{source}/{name}.png"
@@ -259,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         items = []
         for frame in frames:
             slices = brain_slices(canonical_volume(locate(), frame))
-            items += [write(source, f"{source}_{frame}_{k:03d}_{v}", augment(s, rng), zero)
-                      for k, s in enumerate(slices[::step]) for v in range(views)]
+            items += [
+                write(source, f"{source}_{frame}_{k:03d}_{v}", augment(s, rng), zero)
+                for k, s in enumerate(slices[::step])
+                for v in range(views)
+            ]
         negatives += items
         counts[source] = len(items)
     items = [write("synthetic", f"synthetic_{i:03d}", s, zero) for i, s in enumerate(synthetic(rng, args.synthetic))]

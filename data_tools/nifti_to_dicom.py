@@ -14,8 +14,13 @@ from pathlib import Path
 import numpy as np
 
 
-def write_series(volume: np.ndarray, affine: np.ndarray, folder: Path, shuffle_names: bool = True,
-                 series_description: str = "tumorseg test series") -> list[Path]:
+def write_series(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    folder: Path,
+    shuffle_names: bool = True,
+    series_description: str = "tumorseg test series",
+) -> list[Path]:
     """One MR Image Storage file per slice ``volume[:, :, k]`` (``x`` = columns, ``y`` = rows),
     positioned by ``affine`` (voxel -> RAS mm, as nibabel and MONAI give it). Intensities are
     scaled to 0..4000 (uint16) with a rescale slope and intercept that restore them. File names

@@ -24,7 +24,6 @@ sys.path.insert(0, str(REPO / "experiments"))
 def hyper_parameters(recipe: str, overrides: dict) -> dict:
     """The recipe's ``run_params`` that need no data (the bundle's own list of what defines a run)."""
     from monai.bundle import ConfigParser
-
     from recipes import config_files
 
     parser = ConfigParser()
@@ -63,26 +62,46 @@ def main() -> None:
             continue
         epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         start_ms = int((run_dir / "metrics.jsonl").stat().st_mtime * 1000 - 1000 * epochs[-1]["time_s"])
-        tags = {"workflow": "train", "bundle": "brain_tumor_mri_seg", "recipe": record["recipe"],
-                "imported_from": str(run_dir.relative_to(REPO) if run_dir.is_absolute() else run_dir),
-                "trained_at_commit": record.get("trained_at_commit", ""), "device": record.get("device", ""),
-                "data": record.get("data", ""), "completed": str(record.get("completed", ""))}
+        tags = {
+            "workflow": "train",
+            "bundle": "brain_tumor_mri_seg",
+            "recipe": record["recipe"],
+            "imported_from": str(run_dir.relative_to(REPO) if run_dir.is_absolute() else run_dir),
+            "trained_at_commit": record.get("trained_at_commit", ""),
+            "device": record.get("device", ""),
+            "data": record.get("data", ""),
+            "completed": str(record.get("completed", "")),
+        }
         if record["recipe"] in checkpoints:
             tags["checkpoint_sha256"] = file_digest(checkpoints[record["recipe"]], None)
         run = client.create_run(experiment_id, start_time=start_ms, tags=tags, run_name=name)
-        params = {**hyper_parameters(record["recipe"], record["overrides"]), "epochs_done": str(len(epochs)),
-                  "config_files": str(record["config_files"])}
-        metrics = [Metric(key, float(value), start_ms + int(1000 * e["time_s"]), e["epoch"])
-                   for e in epochs for key, value in e.items() if key not in ("epoch", "iteration", "time_s")]
+        params = {
+            **hyper_parameters(record["recipe"], record["overrides"]),
+            "epochs_done": str(len(epochs)),
+            "config_files": str(record["config_files"]),
+        }
+        metrics = [
+            Metric(key, float(value), start_ms + int(1000 * e["time_s"]), e["epoch"])
+            for e in epochs
+            for key, value in e.items()
+            if key not in ("epoch", "iteration", "time_s")
+        ]
         for i in range(0, len(metrics), 1000):
-            client.log_batch(run.info.run_id, metrics=metrics[i : i + 1000],
-                             params=[Param(k, v) for k, v in params.items()] if i == 0 else [], tags=[])
+            client.log_batch(
+                run.info.run_id,
+                metrics=metrics[i : i + 1000],
+                params=[Param(k, v) for k, v in params.items()] if i == 0 else [],
+                tags=[],
+            )
         for f in ("recipe.json", "metrics.jsonl"):
             client.log_artifact(run.info.run_id, str(run_dir / f), "record")
         if record["recipe"] in checkpoints:
             client.log_artifact(run.info.run_id, checkpoints[record["recipe"]], "model")
-        client.set_terminated(run.info.run_id, "FINISHED" if record.get("completed") else "KILLED",
-                              end_time=start_ms + int(1000 * epochs[-1]["time_s"]))
+        client.set_terminated(
+            run.info.run_id,
+            "FINISHED" if record.get("completed") else "KILLED",
+            end_time=start_ms + int(1000 * epochs[-1]["time_s"]),
+        )
         best = max(e.get("val_mean_dice", 0) for e in epochs)
         print(f"{name}: {len(epochs)} epochs, best val Dice {best:.4f}, run {run.info.run_id}")
 

@@ -40,9 +40,28 @@ POSTER = {"dice": 0.75, "poster_mean_iou": 0.98}
 
 def evaluate(dataset_dir: Path, out: Path, tta: bool, box_fit: bool, tracking_dir: Path) -> dict:
     configs = [str(BUNDLE / "configs" / f) for f in ("train.yaml", "evaluate.yaml")]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs), "--dataset_dir", str(dataset_dir),
-           "--eval_list", "validation", "--eval_dir", str(out), "--tta", str(tta).lower(), "--box_fit", str(box_fit).lower(),
-           "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(tracking_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(configs),
+        "--dataset_dir",
+        str(dataset_dir),
+        "--eval_list",
+        "validation",
+        "--eval_dir",
+        str(out),
+        "--tta",
+        str(tta).lower(),
+        "--box_fit",
+        str(box_fit).lower(),
+        "--tracking",
+        str(REPO / "configs" / "mlflow.json"),
+        "--tracking_dir",
+        str(tracking_dir),
+    ]
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text())
 
@@ -53,18 +72,27 @@ def curves_svg(runs: dict[str, list[dict]], width: int = 560, height: int = 300)
     epochs = max(r["epoch"] for rows in runs.values() for r in rows)
     x = lambda e: 45 + (width - 160) * (e - 1) / max(epochs - 1, 1)  # noqa: E731
     y = lambda d: height - 30 - (height - 50) * d  # noqa: E731
-    parts = [f'<line x1="45" y1="{y(t):.0f}" x2="{width - 115}" y2="{y(t):.0f}" stroke="#ddd"/>'
-             f'<text x="5" y="{y(t) + 4:.0f}" font-size="11">{t:.1f}</text>' for t in np.linspace(0, 1, 6)]
-    parts += [f'<text x="{x(e):.0f}" y="{height - 12}" font-size="11" text-anchor="middle">{e}</text>'
-              for e in range(0, epochs + 1, 10) if e]
+    parts = [
+        f'<line x1="45" y1="{y(t):.0f}" x2="{width - 115}" y2="{y(t):.0f}" stroke="#ddd"/>'
+        f'<text x="5" y="{y(t) + 4:.0f}" font-size="11">{t:.1f}</text>'
+        for t in np.linspace(0, 1, 6)
+    ]
+    parts += [
+        f'<text x="{x(e):.0f}" y="{height - 12}" font-size="11" text-anchor="middle">{e}</text>'
+        for e in range(0, epochs + 1, 10)
+        if e
+    ]
     for i, (name, rows) in enumerate(sorted(runs.items())):
         pts = " ".join(f"{x(r['epoch']):.1f},{y(r['val_mean_dice']):.1f}" for r in rows)
         c = colours[i % len(colours)]
         parts.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="1.5"/>')
         parts.append(f'<text x="{width - 110}" y="{30 + 16 * i}" font-size="12" fill="{c}">{name}</text>')
-    parts.append(f'<text x="{width / 2 - 60:.0f}" y="{height - 0}" font-size="11">epoch</text>'
-                 '<text x="45" y="14" font-size="12">validation Dice (per image, threshold 0.5)</text>')
-    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 4}" font-family="sans-serif">{"".join(parts)}</svg>\n'
+    parts.append(
+        f'<text x="{width / 2 - 60:.0f}" y="{height - 0}" font-size="11">epoch</text>'
+        '<text x="45" y="14" font-size="12">validation Dice (per image, threshold 0.5)</text>'
+    )
+    svg = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 4}" font-family="sans-serif">'
+    return svg + "".join(parts) + "</svg>\n"
 
 
 def examples_png(dataset_dir: Path, path: Path, count: int = 4) -> None:
@@ -103,17 +131,39 @@ def main() -> None:
     dataset_dir, tracking_dir = args.dataset_dir.resolve(), args.tracking_dir.resolve()
 
     for results in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
-        subprocess.run([sys.executable, str(REPO / "experiments" / "import_runs.py"), str(results), "--tracking_dir",
-                        str(tracking_dir), "--checkpoint", f"default={BUNDLE / 'models' / 'model.pt'}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "experiments" / "import_runs.py"),
+                str(results),
+                "--tracking_dir",
+                str(tracking_dir),
+                "--checkpoint",
+                f"default={BUNDLE / 'models' / 'model.pt'}",
+            ],
+            check=True,
+        )
 
     summaries = {}
     for name, (tta, box_fit) in SETTINGS.items():
         summaries[name] = evaluate(dataset_dir, args.work_dir / name, tta, box_fit, tracking_dir)
         print(f"evaluated {name}: per-image Dice {summaries[name]['per_image']['dice']['mean']:.4f}", flush=True)
     for split in ("validation", "training"):
-        subprocess.run([sys.executable, str(REPO / "experiments" / "postprocessing.py"), "--dataset_dir", str(dataset_dir),
-                        "--split", split, "--tracking_dir", str(tracking_dir),
-                        "--output", str(BUNDLE / "docs" / f"postprocessing_{split}.md")], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "experiments" / "postprocessing.py"),
+                "--dataset_dir",
+                str(dataset_dir),
+                "--split",
+                split,
+                "--tracking_dir",
+                str(tracking_dir),
+                "--output",
+                str(BUNDLE / "docs" / f"postprocessing_{split}.md"),
+            ],
+            check=True,
+        )
     chosen = list(SETTINGS)[-1]
     best = summaries[chosen]
 
@@ -141,11 +191,14 @@ def main() -> None:
     for name, rows in sorted(runs.items()):
         dice = [r["val_mean_dice"] for r in rows]
         print(f"| {name} | {len(rows)} | {max(dice):.4f} ({rows[int(np.argmax(dice))]['epoch']}) | {dice[-1]:.4f} |")
-    print("\n| inference setting | per-image Dice | IoU | precision | recall | HD95 px | global Dice |\n|---|---|---|---|---|---|---|")
+    print("\n| inference setting | per-image Dice | IoU | precision | recall | HD95 px | global Dice |")
+    print("|---|---|---|---|---|---|---|")
     for name, s in summaries.items():
         p = s["per_image"]
-        print(f"| {name} | {p['dice']['mean']:.4f} | {p['iou']['mean']:.4f} | {p['precision']['mean']:.4f} | "
-              f"{p['recall']['mean']:.4f} | {p['hd95']['mean']:.2f} | {s['global']['dice']:.4f} |")
+        print(
+            f"| {name} | {p['dice']['mean']:.4f} | {p['iou']['mean']:.4f} | {p['precision']['mean']:.4f} | "
+            f"{p['recall']['mean']:.4f} | {p['hd95']['mean']:.2f} | {s['global']['dice']:.4f} |"
+        )
     print("\n| poster metric (valid, default setting) | ours | poster (test) |\n|---|---|---|")
     for key, value in best["poster"].items():
         print(f"| {key} | {value:.4f} | {POSTER.get('poster_' + key, '')} |")

@@ -137,8 +137,13 @@ def main() -> None:
     for setting, maps in probs.items():
         for name, rule in rules_by_name.items():
             scores = np.array([dice_iou(rule(p.astype(np.float32)), y) for p, y in zip(maps, labels)])
-            row = {"tta": setting == "tta", "rule": name, "dice": scores[:, 0].mean(), "iou": scores[:, 1].mean(),
-                   "dice_zero": float((scores[:, 0] == 0).mean())}
+            row = {
+                "tta": setting == "tta",
+                "rule": name,
+                "dice": scores[:, 0].mean(),
+                "iou": scores[:, 1].mean(),
+                "dice_zero": float((scores[:, 0] == 0).mean()),
+            }
             row.update({f"dice_category_{c}": scores[cats == c, 0].mean() for c in np.unique(cats)})
             rows.append(row)
             print(f"{setting:5s} {name:28s} Dice {row['dice']:.4f}", file=sys.stderr, flush=True)
@@ -146,9 +151,14 @@ def main() -> None:
     header = ["tta", "rule", "dice", "iou", "dice_zero"] + sorted(k for k in rows[0] if k.startswith("dice_category"))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in header) + " |" for r in rows]
-    counts = ", ".join(f"{f'category {c}' if c else 'no annotation (category 0)'}: {int((cats == c).sum())} slices"
-                       for c in np.unique(cats))
-    table = f"Post-processing on `{args.split}` ({len(labels)} slices; {counts}), weights {args.checkpoint.name}\n\n" + "\n".join(lines) + "\n"
+    counts = ", ".join(
+        f"{f'category {c}' if c else 'no annotation (category 0)'}: {int((cats == c).sum())} slices" for c in np.unique(cats)
+    )
+    table = (
+        f"Post-processing on `{args.split}` ({len(labels)} slices; {counts}), weights {args.checkpoint.name}\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
     print(table)
     if args.output:
         args.output.write_text(table)
@@ -164,11 +174,19 @@ def main() -> None:
     if parent:
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, tags=tags, run_name=f"postprocessing_{args.split}")
-    params = {"split": args.split, "slices": len(labels), "checkpoint": str(args.checkpoint),
-              "thresholds": str(THRESHOLDS), "box_scales": str(BOX_SCALES)}
+    params = {
+        "split": args.split,
+        "slices": len(labels),
+        "checkpoint": str(args.checkpoint),
+        "thresholds": str(THRESHOLDS),
+        "box_scales": str(BOX_SCALES),
+    }
     now = int(time.time() * 1000)
-    metrics = [Metric(f"{'tta_' if r['tta'] else ''}{r['rule'].replace('.', '_')}.{key}", float(r[key]), now, 0)
-               for r in rows for key in header[2:]]
+    metrics = [
+        Metric(f"{'tta_' if r['tta'] else ''}{r['rule'].replace('.', '_')}.{key}", float(r[key]), now, 0)
+        for r in rows
+        for key in header[2:]
+    ]
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_text(run.info.run_id, table, "postprocessing.md")
     client.log_text(run.info.run_id, json.dumps(rows, indent=1, default=float), "postprocessing.json")

@@ -77,9 +77,16 @@ def slice_records(predictor, items: list[dict]) -> list[dict]:
         label = read_slice(Path(item["label"])) > 0
         mask, peaks = predictor.predict_volume(image)
         inter, total = float((mask & label).sum()), float(mask.sum() + label.sum())
-        rows.append({"image": item["image"], "peak": peaks[0], "found": bool(mask.any()), "tumour": bool(label.any()),
-                     "dice_if_kept": 1.0 if total == 0 else 2 * inter / total,
-                     "dice_if_cleared": 1.0 if not label.any() else 0.0})
+        rows.append(
+            {
+                "image": item["image"],
+                "peak": peaks[0],
+                "found": bool(mask.any()),
+                "tumour": bool(label.any()),
+                "dice_if_kept": 1.0 if total == 0 else 2 * inter / total,
+                "dice_if_cleared": 1.0 if not label.any() else 0.0,
+            }
+        )
         print(f"\r{len(rows)}/{len(items)} slices", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return rows
@@ -95,8 +102,11 @@ def volume_records(predictor, volumes: dict[str, Path]) -> dict[str, dict]:
         stored = case.image[0].numpy()
         view = case.canonical()[0].numpy()
         mask, peaks = predictor.predict_volume(view, axis=-1, reference=(float(stored.min()), float(stored.max())))
-        out[name] = {"areas": mask.reshape(-1, mask.shape[-1]).sum(0).tolist(), "peaks": list(peaks),
-                     "voxel_mm3": float(np.prod(case.spacing))}
+        out[name] = {
+            "areas": mask.reshape(-1, mask.shape[-1]).sum(0).tolist(),
+            "peaks": list(peaks),
+            "voxel_mm3": float(np.prod(case.spacing)),
+        }
         print(f"{name}: {sum(out[name]['areas']) * out[name]['voxel_mm3'] / 1000:.2f} cm³ at min_peak 0.5", file=sys.stderr)
     return out
 
@@ -111,8 +121,13 @@ def table(slices_valid, slices_healthy, volumes) -> list[dict]:
         sensitivity = np.mean([k for r, k in zip(slices_valid, kept) if r["tumour"]])
         specificity = np.mean([not (r["found"] and r["peak"] >= min_peak) for r in slices_healthy])
         for min_run in MIN_RUNS:
-            row = {"min_peak": min_peak, "min_run": min_run, "valid_dice": float(dice),
-                   "valid_sensitivity": float(sensitivity), "healthy_specificity": float(specificity)}
+            row = {
+                "min_peak": min_peak,
+                "min_run": min_run,
+                "valid_dice": float(dice),
+                "valid_sensitivity": float(sensitivity),
+                "healthy_specificity": float(specificity),
+            }
             for name, v in volumes.items():
                 flagged = np.array([a > 0 and p >= min_peak for a, p in zip(v["areas"], v["peaks"])])
                 if min_run > 1:
@@ -149,7 +164,10 @@ def main() -> None:
     start = time.time()
     predictor = Predictor(BUNDLE, args.checkpoint, {"min_peak": 0.5, "min_run": 1})
     datalist = str(args.dataset_dir / "datalist.json")
-    lists = {key: load_decathlon_datalist(datalist, data_list_key=key, base_dir=str(args.dataset_dir)) for key in ("validation", "healthy")}
+    lists = {
+        key: load_decathlon_datalist(datalist, data_list_key=key, base_dir=str(args.dataset_dir))
+        for key in ("validation", "healthy")
+    }
     if args.limit:
         lists = {k: v[: args.limit] for k, v in lists.items()}
     valid = slice_records(predictor, lists["validation"])
@@ -157,8 +175,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         volumes = volume_records(predictor, healthy_volumes(Path(tmp)))
     rows = table(valid, healthy, volumes)
-    text = markdown(rows, f"Presence on `valid` ({len(valid)} tumour slices), {len(healthy)} held-out healthy slices and "
-                          f"{len(volumes)} healthy volumes; weights {args.checkpoint} (TTA and box fit on)")
+    text = markdown(
+        rows,
+        f"Presence on `valid` ({len(valid)} tumour slices), {len(healthy)} held-out healthy slices and "
+        f"{len(volumes)} healthy volumes; weights {args.checkpoint} (TTA and box fit on)",
+    )
     print(text)
     if args.output:
         args.output.write_text(text)
@@ -175,11 +196,21 @@ def main() -> None:
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, tags=tags, run_name=f"presence_{args.name}")
     now = int(time.time() * 1000)
-    metrics = [Metric(f"{k}.min_peak_{r['min_peak']}.min_run_{r['min_run']}".replace("0.", "0_"), float(v), now, 0)
-               for r in rows for k, v in r.items() if k not in ("min_peak", "min_run")]
-    params = {"checkpoint": str(args.checkpoint), "valid_slices": len(valid), "healthy_slices": len(healthy),
-              "healthy_volumes": ",".join(volumes), "min_peaks": str(MIN_PEAKS), "min_runs": str(MIN_RUNS),
-              "seconds": round(time.time() - start)}
+    metrics = [
+        Metric(f"{k}.min_peak_{r['min_peak']}.min_run_{r['min_run']}".replace("0.", "0_"), float(v), now, 0)
+        for r in rows
+        for k, v in r.items()
+        if k not in ("min_peak", "min_run")
+    ]
+    params = {
+        "checkpoint": str(args.checkpoint),
+        "valid_slices": len(valid),
+        "healthy_slices": len(healthy),
+        "healthy_volumes": ",".join(volumes),
+        "min_peaks": str(MIN_PEAKS),
+        "min_runs": str(MIN_RUNS),
+        "seconds": round(time.time() - start),
+    }
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_text(run.info.run_id, text, "presence.md")
     client.log_text(run.info.run_id, json.dumps({"rows": rows, "volumes": volumes}, indent=1), "presence.json")

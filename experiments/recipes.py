@@ -57,12 +57,27 @@ def main() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         overrides = {"max_epochs": str(args.max_epochs), "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "eval")}
         overrides.update(kv.split("=", 1) for kv in args.set)
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(config_files(name)),
-               "--dataset_dir", str(Path(args.dataset_dir).resolve())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "training",
+            "--config_file",
+            str(config_files(name)),
+            "--dataset_dir",
+            str(Path(args.dataset_dir).resolve()),
+        ]
         for key, value in overrides.items():
             cmd += [f"--{key}", value]
-        record = {"recipe": name, "config_files": config_files(name), "overrides": overrides, "command": cmd,
-                  "host": platform.node(), "python": platform.python_version()}
+        record = {
+            "recipe": name,
+            "config_files": config_files(name),
+            "overrides": overrides,
+            "command": cmd,
+            "host": platform.node(),
+            "python": platform.python_version(),
+        }
         (run_dir / "recipe.json").write_text(json.dumps(record, indent=1))
         log = open(run_dir / "train.log", "w")
         procs[name] = (subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), record, run_dir, time.time())
@@ -80,17 +95,32 @@ def main() -> None:
     summary = {}
     for name, (p, record, run_dir, t0) in procs.items():
         p.wait()
-        lines = (run_dir / "eval" / "metrics.jsonl").read_text().splitlines() if (run_dir / "eval" / "metrics.jsonl").is_file() else []
+        lines = (
+            (run_dir / "eval" / "metrics.jsonl").read_text().splitlines()
+            if (run_dir / "eval" / "metrics.jsonl").is_file()
+            else []
+        )
         epochs = [json.loads(line) for line in lines]
         dice = [e.get("val_mean_dice", float("nan")) for e in epochs]
-        record.update(returncode=p.returncode, wall_s=round(time.time() - t0, 1), epochs_done=len(epochs),
-                      completed=p.returncode == 0 and len(epochs) == args.max_epochs)
+        record.update(
+            returncode=p.returncode,
+            wall_s=round(time.time() - t0, 1),
+            epochs_done=len(epochs),
+            completed=p.returncode == 0 and len(epochs) == args.max_epochs,
+        )
         (run_dir / "recipe.json").write_text(json.dumps(record, indent=1))
-        summary[name] = {"epochs": len(epochs), "best_val_dice": max(dice) if dice else None,
-                         "best_epoch": 1 + dice.index(max(dice)) if dice else None, "returncode": p.returncode,
-                         "wall_s": record["wall_s"]}
-        print(f"{name:22s} epochs {len(epochs):3d}  best val Dice {summary[name]['best_val_dice']}  "
-              f"(epoch {summary[name]['best_epoch']})  rc {p.returncode}  {record['wall_s']} s", flush=True)
+        summary[name] = {
+            "epochs": len(epochs),
+            "best_val_dice": max(dice) if dice else None,
+            "best_epoch": 1 + dice.index(max(dice)) if dice else None,
+            "returncode": p.returncode,
+            "wall_s": record["wall_s"],
+        }
+        print(
+            f"{name:22s} epochs {len(epochs):3d}  best val Dice {summary[name]['best_val_dice']}  "
+            f"(epoch {summary[name]['best_epoch']})  rc {p.returncode}  {record['wall_s']} s",
+            flush=True,
+        )
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 

@@ -63,8 +63,14 @@ class TumorSegApp(MONAILabelApp):
         self.bundles = {p.name: p for p in found if not wanted or p.name in wanted}
         if not self.bundles:
             raise RuntimeError(f"no exported bundle under {self.model_dir} (run `make monailabel-app`)")
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="tumorseg",
-                         description="Brain tumour segmentation on 2D MRI slices", version="0.1.0")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="tumorseg",
+            description="Brain tumour segmentation on 2D MRI slices",
+            version="0.1.0",
+        )
 
     def init_infers(self):
         return {name: Bundle2DInferTask(str(path), self.conf) for name, path in self.bundles.items()}

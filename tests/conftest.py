@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Under CI (CI=true) a missing environment (Chromium, the MONAI Label venv) fails its tests
+# instead of skipping them: a broken set-up must not pass for a green run.
+IN_CI = os.environ.get("CI") == "true"
 SAMPLE = REPO / "data" / "brain-tumor-coco-sample"
 BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
 CONFIGS = BUNDLE / "configs"
@@ -19,9 +22,7 @@ CONFIGS = BUNDLE / "configs"
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python <args>`` as users do, capturing text output."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
-    )
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +36,20 @@ def converted_sample(tmp_path_factory) -> Path:
 
 
 TRAIN = str(CONFIGS / "train.yaml")
-QUICK = ["--image_size", "64", "--channels", "[8, 16, 32]", "--strides", "[2, 2]", "--num_res_units", "1",
-         "--batch_size", "8", "--num_workers", "0"]
+QUICK = [
+    "--image_size",
+    "64",
+    "--channels",
+    "[8, 16, 32]",
+    "--strides",
+    "[2, 2]",
+    "--num_res_units",
+    "1",
+    "--batch_size",
+    "8",
+    "--num_workers",
+    "0",
+]
 
 
 def configs(*names: str) -> str:
@@ -52,11 +65,29 @@ def check(result):
 def trained(converted_sample, tmp_path_factory):
     """Two epochs on the sample, tracked in a fresh MLflow store."""
     out = tmp_path_factory.mktemp("train")
-    check(run_cli(
-        "-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--dataset_dir", str(converted_sample),
-        "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), "--max_epochs", "2", *QUICK,
-        "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(out / "mlflow"),
-    ))
+    check(
+        run_cli(
+            "-m",
+            "monai.bundle",
+            "run",
+            "training",
+            "--config_file",
+            TRAIN,
+            "--dataset_dir",
+            str(converted_sample),
+            "--ckpt_dir",
+            str(out / "models"),
+            "--output_dir",
+            str(out / "eval"),
+            "--max_epochs",
+            "2",
+            *QUICK,
+            "--tracking",
+            str(REPO / "configs" / "mlflow.json"),
+            "--tracking_dir",
+            str(out / "mlflow"),
+        )
+    )
     return out
 
 
@@ -74,11 +105,28 @@ def mlflow_run(tracking_dir: Path, workflow: str):
 def evaluated(trained, converted_sample, tmp_path_factory):
     """The trained model evaluated on the sample's validation list, tracked in the same store."""
     out = tmp_path_factory.mktemp("evaluate")
-    check(run_cli(
-        "-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"), "--dataset_dir", str(converted_sample),
-        "--ckpt_dir", str(trained / "models"), "--output_dir", str(out), "--eval_list", "validation", *QUICK,
-        "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(trained / "mlflow"),
-    ))
+    check(
+        run_cli(
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            configs("evaluate.yaml"),
+            "--dataset_dir",
+            str(converted_sample),
+            "--ckpt_dir",
+            str(trained / "models"),
+            "--output_dir",
+            str(out),
+            "--eval_list",
+            "validation",
+            *QUICK,
+            "--tracking",
+            str(REPO / "configs" / "mlflow.json"),
+            "--tracking_dir",
+            str(trained / "mlflow"),
+        )
+    )
     return out
 
 

@@ -13,11 +13,11 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import SAMPLE, edit_json, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import SAMPLE, edit_json, run_cli
 from data_tools.coco_to_monai import ConversionError, convert
 
 GOOD_JPG = sorted((SAMPLE / "test").glob("*.jpg"))[0]
@@ -36,20 +36,56 @@ CONVERSION_CASES = [
     ("images wrong type", lambda r: edit_json(r, "train", lambda d: d.update(images={})), "'images' list"),
     ("categories missing", lambda r: edit_json(r, "train", lambda d: d.pop("categories")), "'categories' list"),
     ("image id wrong type", lambda r: edit_json(r, "train", lambda d: d["images"][0].update(id="7")), "needs an integer 'id'"),
-    ("file_name missing", lambda r: edit_json(r, "train", lambda d: d["images"][0].pop("file_name")), "needs an integer 'id' and a 'file_name'"),
-    ("duplicate image id", lambda r: edit_json(r, "train", lambda d: d["images"][1].update(id=d["images"][0]["id"])), "listed twice"),
-    ("duplicate annotation id", lambda r: edit_json(r, "train", lambda d: d["annotations"][1].update(id=ann0(d)["id"])), "is listed twice"),
+    (
+        "file_name missing",
+        lambda r: edit_json(r, "train", lambda d: d["images"][0].pop("file_name")),
+        "needs an integer 'id' and a 'file_name'",
+    ),
+    (
+        "duplicate image id",
+        lambda r: edit_json(r, "train", lambda d: d["images"][1].update(id=d["images"][0]["id"])),
+        "listed twice",
+    ),
+    (
+        "duplicate annotation id",
+        lambda r: edit_json(r, "train", lambda d: d["annotations"][1].update(id=ann0(d)["id"])),
+        "is listed twice",
+    ),
     ("image missing on disk", lambda r: next((r / "test").glob("*.jpg")).unlink(), "listed in the annotations but not found"),
     ("zero-byte image", lambda r: next((r / "test").glob("*.jpg")).write_bytes(b""), "not a readable image"),
-    ("truncated image", lambda r: (lambda p: p.write_bytes(p.read_bytes()[:2000]))(next((r / "test").glob("*.jpg"))), "not a readable image"),
-    ("path escapes split", lambda r: edit_json(r, "valid", lambda d: d["images"][0].update(file_name="../train/x.jpg")), "escapes the split folder"),
-    ("absolute path", lambda r: edit_json(r, "valid", lambda d: d["images"][0].update(file_name="/etc/passwd")), "escapes the split folder"),
+    (
+        "truncated image",
+        lambda r: (lambda p: p.write_bytes(p.read_bytes()[:2000]))(next((r / "test").glob("*.jpg"))),
+        "not a readable image",
+    ),
+    (
+        "path escapes split",
+        lambda r: edit_json(r, "valid", lambda d: d["images"][0].update(file_name="../train/x.jpg")),
+        "escapes the split folder",
+    ),
+    (
+        "absolute path",
+        lambda r: edit_json(r, "valid", lambda d: d["images"][0].update(file_name="/etc/passwd")),
+        "escapes the split folder",
+    ),
     ("unknown category", lambda r: edit_json(r, "train", lambda d: ann0(d).update(category_id=9)), "unknown category_id 9"),
     ("unknown image_id", lambda r: edit_json(r, "train", lambda d: ann0(d).update(image_id=99999)), "unknown image_id 99999"),
-    ("NaN coordinate", lambda r: edit_json(r, "train", lambda d: ann0(d)["segmentation"][0].__setitem__(0, float("nan"))), "finite x,y pairs"),
-    ("string coordinate", lambda r: edit_json(r, "train", lambda d: ann0(d)["segmentation"][0].__setitem__(0, "12")), "finite x,y pairs"),
+    (
+        "NaN coordinate",
+        lambda r: edit_json(r, "train", lambda d: ann0(d)["segmentation"][0].__setitem__(0, float("nan"))),
+        "finite x,y pairs",
+    ),
+    (
+        "string coordinate",
+        lambda r: edit_json(r, "train", lambda d: ann0(d)["segmentation"][0].__setitem__(0, "12")),
+        "finite x,y pairs",
+    ),
     ("two-point polygon", lambda r: edit_json(r, "train", lambda d: ann0(d).update(segmentation=[[1, 1, 5, 5]])), "at least 3"),
-    ("no polygon, no bbox", lambda r: edit_json(r, "train", lambda d: [ann0(d).pop(k) for k in ("segmentation", "bbox")]), "no polygon segmentation and no bbox"),
+    (
+        "no polygon, no bbox",
+        lambda r: edit_json(r, "train", lambda d: [ann0(d).pop(k) for k in ("segmentation", "bbox")]),
+        "no polygon segmentation and no bbox",
+    ),
     ("size differs from json", lambda r: edit_json(r, "train", lambda d: d["images"][0].update(height=100)), "but the json says"),
 ]
 
@@ -108,10 +144,17 @@ def make_bad_inputs(folder: Path) -> dict[str, str]:
     ds.save_as(folder / "no_pixels.dcm")
     shutil.copy(pydicom.data.get_testdata_file("MR_truncated.dcm"), folder / "truncated.dcm")
     (folder / "notes.txt").write_text("ignored: not an image suffix")
-    return {"truncated.jpg": "unreadable image", "zero.jpg": "unreadable image", "text.png": "unreadable image",
-            "enormous.png": "DecompressionBomb", "nan.nii.gz": "NaN",
-            "four_d.nii.gz": "4D image", "broken_header.nii": "unreadable NIfTI", "no_pixels.dcm": "unreadable DICOM",
-            "truncated.dcm": "unreadable DICOM"}
+    return {
+        "truncated.jpg": "unreadable image",
+        "zero.jpg": "unreadable image",
+        "text.png": "unreadable image",
+        "enormous.png": "DecompressionBomb",
+        "nan.nii.gz": "NaN",
+        "four_d.nii.gz": "4D image",
+        "broken_header.nii": "unreadable NIfTI",
+        "no_pixels.dcm": "unreadable DICOM",
+        "truncated.dcm": "unreadable DICOM",
+    }
 
 
 @pytest.mark.slow
@@ -126,22 +169,42 @@ def test_predict_bad_inputs(trained, tmp_path):
     rgba = Image.open(GOOD_JPG).convert("RGBA")
     rgba.putalpha(128)
     rgba.save(bad / "alpha.png")  # documented: alpha is dropped, the grey image is used
-    grey16 = (np.asarray(Image.open(GOOD_JPG).convert("L"), dtype=np.uint16) * 257)
+    grey16 = np.asarray(Image.open(GOOD_JPG).convert("L"), dtype=np.uint16) * 257
     Image.fromarray(grey16).save(bad / "sixteen_bit.png")  # documented: 16-bit grey is read as is
     from test_predict import SMALL_NET
 
-    result = run_cli("-m", "tumorseg.predict", str(bad), str(tmp_path / "folder.png"), str(tmp_path / "loop"),
-                     str(tmp_path / "explicit.txt"), str(tmp_path / "missing.jpg"), "-o", str(tmp_path / "out"),
-                     "--checkpoint", str(trained / "models" / "model.pt"), *SMALL_NET, "--no-progress")
+    result = run_cli(
+        "-m",
+        "tumorseg.predict",
+        str(bad),
+        str(tmp_path / "folder.png"),
+        str(tmp_path / "loop"),
+        str(tmp_path / "explicit.txt"),
+        str(tmp_path / "missing.jpg"),
+        "-o",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        str(trained / "models" / "model.pt"),
+        *SMALL_NET,
+        "--no-progress",
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    expected.update({"folder.png": "no PNG/JPG/NIfTI/DICOM files", "loop": "no such file or folder",
-                     "explicit.txt": "not a PNG/JPG, NIfTI or DICOM file", "missing.jpg": "no such file or folder"})
+    expected.update(
+        {
+            "folder.png": "no PNG/JPG/NIfTI/DICOM files",
+            "loop": "no such file or folder",
+            "explicit.txt": "not a PNG/JPG, NIfTI or DICOM file",
+            "missing.jpg": "no such file or folder",
+        }
+    )
     for name, problem in expected.items():
         assert any(f"/{name}:" in e and problem in e for e in errors), (name, problem, errors)
     assert len(errors) == len(expected)
     assert "4 of 17 inputs predicted" in result.stdout  # 13 cases found (4 good), 4 inputs that were none
-    out = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != ".tumorseg-predict.json")  # the record of what it wrote
+    out = sorted(
+        p.name for p in (tmp_path / "out").iterdir() if p.name != ".tumorseg-predict.json"
+    )  # the record of what it wrote
     stems = {"good", "alpha", "sixteen_bit", "flat"}  # a flat image is no error: it holds no tumour
     assert {n.split("_seg")[0].split("_overlay")[0].split(".json")[0] for n in out} == stems  # nothing partial
     assert Image.open(tmp_path / "out" / "sixteen_bit_seg.png").size == Image.open(GOOD_JPG).size
@@ -161,10 +224,20 @@ def coco_split(draw):
             x0, y0 = draw(st.floats(-5, w + 5)), draw(st.floats(-5, h + 5))
             bw, bh = draw(st.floats(0.5, w)), draw(st.floats(0.5, h))
             poly = [x0, y0, x0 + bw, y0, x0 + bw, y0 + bh, x0, y0 + bh]
-            annotations.append({"id": len(annotations), "image_id": i, "category_id": draw(st.sampled_from([1, 2])),
-                                "bbox": [x0, y0, bw, bh], "segmentation": [poly]})
-    return {"images": images, "annotations": annotations,
-            "categories": [{"id": 0, "name": "Tumor"}, {"id": 1, "name": "0"}, {"id": 2, "name": "1"}]}
+            annotations.append(
+                {
+                    "id": len(annotations),
+                    "image_id": i,
+                    "category_id": draw(st.sampled_from([1, 2])),
+                    "bbox": [x0, y0, bw, bh],
+                    "segmentation": [poly],
+                }
+            )
+    return {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 0, "name": "Tumor"}, {"id": 1, "name": "0"}, {"id": 2, "name": "1"}],
+    }
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -189,7 +262,9 @@ def test_conversion_properties(coco, keep):
             boxes = [a["bbox"] for a in coco["annotations"] if a["image_id"] == im["id"]]
             inside = np.zeros_like(mask, dtype=bool)
             for x, y, w, h in boxes:  # every labelled pixel lies in some box (to a pixel)
-                inside[max(0, int(np.floor(y)) - 1): int(np.ceil(y + h)) + 1, max(0, int(np.floor(x)) - 1): int(np.ceil(x + w)) + 1] = True
+                inside[
+                    max(0, int(np.floor(y)) - 1) : int(np.ceil(y + h)) + 1, max(0, int(np.floor(x)) - 1) : int(np.ceil(x + w)) + 1
+                ] = True
             assert not (mask.astype(bool) & ~inside).any()
             if not boxes:
                 assert not mask.any()

@@ -8,19 +8,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import QUICK, REPO, TRAIN, check, configs, mlflow_run, run_cli
 from PIL import Image
 
-from conftest import QUICK, REPO, TRAIN, check, configs, mlflow_run, run_cli
-
 pytestmark = pytest.mark.slow
+
 
 def test_training_is_tracked_in_mlflow(trained, converted_sample):
     client, run = mlflow_run(trained / "mlflow", "train")
     assert run.info.status == "FINISHED"
     params = run.data.params
-    for key, value in {"loss_w_dice": "1.0", "loss_w_focal": "1.0", "learning_rate": "0.001", "max_epochs": "2",
-                       "batch_size": "8", "image_size": "64", "network_channels": "[8, 16, 32]", "dropout": "0.1",
-                       "train_images": "24", "val_images": "8"}.items():
+    for key, value in {
+        "loss_w_dice": "1.0",
+        "loss_w_focal": "1.0",
+        "learning_rate": "0.001",
+        "max_epochs": "2",
+        "batch_size": "8",
+        "image_size": "64",
+        "network_channels": "[8, 16, 32]",
+        "dropout": "0.1",
+        "train_images": "24",
+        "val_images": "8",
+    }.items():
         assert params[key] == value, key
     import hashlib
 
@@ -55,11 +64,26 @@ def test_resume_with_the_run_id_that_monai_label_calls(trained, converted_sample
     from tumorseg.files import newest
 
     shutil.copytree(trained / "models", tmp_path / "models")  # leave the shared run as it is
-    result = check(run_cli(
-        "-m", "monai.bundle", "run", "--config_file", TRAIN, "--dataset_dir", str(converted_sample),
-        "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--max_epochs", "3",
-        "--resume", "true", *QUICK,
-    ))
+    result = check(
+        run_cli(
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            TRAIN,
+            "--dataset_dir",
+            str(converted_sample),
+            "--ckpt_dir",
+            str(tmp_path / "models"),
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--max_epochs",
+            "3",
+            "--resume",
+            "true",
+            *QUICK,
+        )
+    )
     log = result.stdout + result.stderr
     assert "Restored all variables from" in log
     assert "Epoch[3] Complete" in log and "Epoch[1] Complete" not in log  # only the missing epoch ran
@@ -84,16 +108,41 @@ def test_evaluate_on_cases_with_known_answers(tmp_path):
     }
     rows = []
     for name, (pred_as_image, label) in cases.items():
-        rows.append({"image": write_png(tmp_path / f"{name}.png", pred_as_image),
-                     "label": write_png(tmp_path / f"{name}_label.png", label)})
+        rows.append(
+            {
+                "image": write_png(tmp_path / f"{name}.png", pred_as_image),
+                "label": write_png(tmp_path / f"{name}_label.png", label),
+            }
+        )
     (tmp_path / "datalist.json").write_text(json.dumps({"training": [], "validation": [], "test": rows}))
     torch.save({}, tmp_path / "identity.pt")
-    check(run_cli(
-        "-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"), "--dataset_dir", str(tmp_path),
-        "--network_def", "$torch.nn.Identity()", "--checkpoint", str(tmp_path / "identity.pt"),
-        "--threshold", "0.6", "--image_size", str(size), "--output_dir", str(tmp_path / "eval"), "--num_workers", "0",
-        "--tta", "false", "--box_fit", "false",  # plain thresholding: the answers are known
-    ))
+    check(
+        run_cli(
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            configs("evaluate.yaml"),
+            "--dataset_dir",
+            str(tmp_path),
+            "--network_def",
+            "$torch.nn.Identity()",
+            "--checkpoint",
+            str(tmp_path / "identity.pt"),
+            "--threshold",
+            "0.6",
+            "--image_size",
+            str(size),
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--num_workers",
+            "0",
+            "--tta",
+            "false",
+            "--box_fit",
+            "false",  # plain thresholding: the answers are known
+        )
+    )
     report = tmp_path / "eval" / "evaluate_test"
     import csv
 
@@ -121,10 +170,23 @@ def test_evaluate_and_inference_on_the_trained_model(trained, evaluated, tmp_pat
     assert run.data.metrics["eval_dice"] == pytest.approx(summary["per_image"]["dice"]["mean"])
 
     images = REPO / "data" / "brain-tumor-coco-sample" / "test"
-    check(run_cli(
-        "-m", "monai.bundle", "run", "inference", "--config_file", configs("inference.yaml"), "--dataset_dir", str(images),
-        "--ckpt_dir", str(trained / "models"), "--output_dir", str(tmp_path / "masks"), *QUICK,
-    ))
+    check(
+        run_cli(
+            "-m",
+            "monai.bundle",
+            "run",
+            "inference",
+            "--config_file",
+            configs("inference.yaml"),
+            "--dataset_dir",
+            str(images),
+            "--ckpt_dir",
+            str(trained / "models"),
+            "--output_dir",
+            str(tmp_path / "masks"),
+            *QUICK,
+        )
+    )
     masks = sorted((tmp_path / "masks").glob("*_seg.png"))
     assert len(masks) == 8
     for mask in masks:
@@ -137,14 +199,34 @@ def test_evaluate_and_inference_on_the_trained_model(trained, evaluated, tmp_pat
 def test_two_process_training_with_torchrun_on_cpu(converted_sample, tmp_path):
     """multi_gpu_train.yaml with 2 gloo processes: trains, only rank 0 writes and logs, and the
     validation Dice gathered over the ranks equals a 1-process evaluation of the same model."""
-    result = check(run_cli(
-        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "training", "--config_file", configs("multi_gpu_train.yaml"),
-        "--dataset_dir", str(converted_sample), "--ckpt_dir", str(tmp_path / "models"),
-        "--output_dir", str(tmp_path / "eval"), "--max_epochs", "1", *QUICK,
-        "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(tmp_path / "mlflow"),
-        env={"OMP_NUM_THREADS": "1"},
-    ))
+    result = check(
+        run_cli(
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "monai.bundle",
+            "run",
+            "training",
+            "--config_file",
+            configs("multi_gpu_train.yaml"),
+            "--dataset_dir",
+            str(converted_sample),
+            "--ckpt_dir",
+            str(tmp_path / "models"),
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--max_epochs",
+            "1",
+            *QUICK,
+            "--tracking",
+            str(REPO / "configs" / "mlflow.json"),
+            "--tracking_dir",
+            str(tmp_path / "mlflow"),
+            env={"OMP_NUM_THREADS": "1"},
+        )
+    )
     log = result.stdout + result.stderr
     assert log.count("Epoch[1] Metrics") == 1  # the stats handler runs on rank 0 only
     assert (tmp_path / "models" / "model.pt").is_file()
@@ -156,10 +238,27 @@ def test_two_process_training_with_torchrun_on_cpu(converted_sample, tmp_path):
     lr = client.get_metric_history(run.info.run_id, "lr_group_0")
     assert lr and all(m.value > 0 for m in lr)
 
-    check(run_cli(
-        "-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"), "--dataset_dir", str(converted_sample),
-        "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval1"), "--eval_list", "validation",
-        "--tta", "false", "--box_fit", "false", *QUICK,  # the settings validation uses
-    ))
+    check(
+        run_cli(
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            configs("evaluate.yaml"),
+            "--dataset_dir",
+            str(converted_sample),
+            "--ckpt_dir",
+            str(tmp_path / "models"),
+            "--output_dir",
+            str(tmp_path / "eval1"),
+            "--eval_list",
+            "validation",
+            "--tta",
+            "false",
+            "--box_fit",
+            "false",
+            *QUICK,  # the settings validation uses
+        )
+    )
     single = json.loads((tmp_path / "eval1" / "evaluate_validation" / "summary.json").read_text())
     assert abs(single["per_image"]["dice"]["mean"] - distributed_dice) < 1e-6

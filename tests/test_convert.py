@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE, edit_json, run_cli
 from PIL import Image
 
-from conftest import SAMPLE, edit_json, run_cli
 from data_tools.coco_to_monai import ConversionError, convert
 
 EMPTY_IMAGE = "2369_jpg.rf.8b8afa9d79c61fa42ca128c940b9cbc0.jpg"
@@ -19,7 +19,9 @@ TWO_BOXES = "176_jpg.rf.23ef40c30986ba54b865d55a934bfa72.jpg"
 
 
 def tree_digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def mask_of(out: Path, split: str, image_name: str) -> np.ndarray:
@@ -81,8 +83,13 @@ def test_overlaps_union_by_default_and_highest_category_when_kept(sample_copy, t
         first = data["annotations"][0]
         x, y, w, h = first["bbox"]
         data["annotations"].append(
-            {"id": 9999, "image_id": first["image_id"], "category_id": 2 if first["category_id"] == 1 else 1,
-             "bbox": [x + w / 2, y, w, h], "segmentation": [[x + w / 2, y, x + 1.5 * w, y, x + 1.5 * w, y + h, x + w / 2, y + h]]}
+            {
+                "id": 9999,
+                "image_id": first["image_id"],
+                "category_id": 2 if first["category_id"] == 1 else 1,
+                "bbox": [x + w / 2, y, w, h],
+                "segmentation": [[x + w / 2, y, x + 1.5 * w, y, x + 1.5 * w, y + h, x + w / 2, y + h]],
+            }
         )
 
     edit_json(sample_copy, "train", add_overlap)

@@ -14,18 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE, edit_json, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import SAMPLE, edit_json, run_cli
 from data_tools.coco_to_monai import convert, label_paths, show
 
 QUIET = {"progress": False, "log": lambda line: None}
 
 
 def tree_digest(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def coco(root: Path, split: str = "train") -> dict:
@@ -48,8 +50,16 @@ def add_image(data: dict, file_name: str, segmentation: list, width: int = 640, 
     aid = max(a["id"] for a in data["annotations"]) + 1
     data["images"].append({"id": iid, "file_name": file_name, "width": width, "height": height})
     xs, ys = segmentation[0][0::2], segmentation[0][1::2]
-    data["annotations"].append({"id": aid, "image_id": iid, "category_id": 1, "iscrowd": 0, "segmentation": segmentation,
-                                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]})
+    data["annotations"].append(
+        {
+            "id": aid,
+            "image_id": iid,
+            "category_id": 1,
+            "iscrowd": 0,
+            "segmentation": segmentation,
+            "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+        }
+    )
     return iid
 
 
@@ -141,7 +151,7 @@ def rle_of(mask: np.ndarray, compressed: bool) -> dict:
     rle = mask_utils.encode(np.asfortranarray(mask))
     if compressed:
         return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
-    flat, runs, value, start = mask.flatten(order="F"), [], 0, 0  # column-major runs, zeros first
+    flat, runs, start = mask.flatten(order="F"), [], 0  # column-major runs, zeros first
     for i in np.flatnonzero(np.diff(flat)) + 1:
         runs.append(int(i - start))
         start = i
@@ -197,11 +207,15 @@ def _flat_polygon(a):
     a["segmentation"] = [[10, 10, 50, 50, 90, 90, 30, 30]]  # all on one line
 
 
-@pytest.mark.parametrize("breaker, reason", [
-    (_zero_width_box, "zero or negative width or height"),
-    (_negative_height_box, "zero or negative width or height"),
-    (_flat_polygon, "polygons have zero area"),
-], ids=["zero-width bbox", "negative-height bbox", "zero-area polygon"])
+@pytest.mark.parametrize(
+    "breaker, reason",
+    [
+        (_zero_width_box, "zero or negative width or height"),
+        (_negative_height_box, "zero or negative width or height"),
+        (_flat_polygon, "polygons have zero area"),
+    ],
+    ids=["zero-width bbox", "negative-height bbox", "zero-area polygon"],
+)
 def test_degenerate_annotation_is_skipped_with_a_warning(sample_copy, tmp_path, breaker, reason):
     im, ann = single(coco(sample_copy))
     edit_json(sample_copy, "train", lambda d: breaker(next(a for a in d["annotations"] if a["id"] == ann["id"])))
@@ -235,7 +249,8 @@ def _no_split_folder(root):
 
 def _deep_json(root):
     (root / "valid" / "_annotations.coco.json").write_text(
-        '{"images": ' + "[" * 100_000 + "]" * 100_000 + ', "annotations": [], "categories": []}')
+        '{"images": ' + "[" * 100_000 + "]" * 100_000 + ', "annotations": [], "categories": []}'
+    )
 
 
 def _file_name_with(char):
@@ -246,6 +261,7 @@ def _file_name_with(char):
         if char != "\x00":  # a real file of that name: refused for its name, not for being absent
             shutil.copy(root / "valid" / name, root / "valid" / forged)
         edit_json(root, "valid", lambda d: d["images"][0].update(file_name=forged))
+
     return breaker
 
 
@@ -260,7 +276,9 @@ def _rle(change):
             rle = rle_of(disc(), compressed=True)
             change(rle)
             ann0(d).update(iscrowd=1, segmentation=rle)
+
         edit_json(root, "train", edit)
+
     return breaker
 
 
@@ -283,24 +301,104 @@ def _sixteen_bit_wrong_size(root):
 HOSTILE = [
     ("no split folder", _no_split_folder, "kaggle: ", "none of the split folders (train, valid, test) is there"),
     ("deeply nested json", _deep_json, "valid/_annotations.coco.json: ", "nested too deeply"),
-    ("deeply nested id", lambda r: edit_json(r, "train", lambda d: d["images"][0].update(id=nested(500))), "train/_annotations.coco.json: ", "needs an integer 'id'"),
-    ("huge int in bbox", lambda r: edit_json(r, "train", lambda d: ann0(d)["bbox"].__setitem__(2, 10**400)), "train/_annotations.coco.json: ", "bbox is not 4 finite numbers"),
-    ("huge int in polygon", lambda r: edit_json(r, "train", lambda d: ann0(d)["segmentation"][0].__setitem__(1, -(10**400))), "train/_annotations.coco.json: ", "finite x,y pairs"),
-    ("NaN in bbox", lambda r: edit_json(r, "train", lambda d: ann0(d)["bbox"].__setitem__(0, float("nan"))), "train/_annotations.coco.json: ", "bbox is not 4 finite numbers"),
-    ("Infinity in polygon", lambda r: edit_json(r, "train", lambda d: ann0(d)["segmentation"][0].__setitem__(2, float("inf"))), "train/_annotations.coco.json: ", "finite x,y pairs"),
-    ("Infinity as width", lambda r: edit_json(r, "test", lambda d: d["images"][0].update(width=float("inf"))), "test/", "but the json says infx640"),
-    ("list as annotation id", lambda r: edit_json(r, "train", lambda d: ann0(d).update(id=[1])), "train/_annotations.coco.json: ", "needs an integer 'id'"),
-    ("object as image_id", lambda r: edit_json(r, "train", lambda d: ann0(d).update(image_id={"a": 1})), "train/_annotations.coco.json: ", "unknown image_id {'a': 1}"),
-    ("string segmentation", lambda r: edit_json(r, "train", lambda d: ann0(d).update(segmentation="12 13")), "train/_annotations.coco.json: ", "neither polygons nor an RLE"),
+    (
+        "deeply nested id",
+        lambda r: edit_json(r, "train", lambda d: d["images"][0].update(id=nested(500))),
+        "train/_annotations.coco.json: ",
+        "needs an integer 'id'",
+    ),
+    (
+        "huge int in bbox",
+        lambda r: edit_json(r, "train", lambda d: ann0(d)["bbox"].__setitem__(2, 10**400)),
+        "train/_annotations.coco.json: ",
+        "bbox is not 4 finite numbers",
+    ),
+    (
+        "huge int in polygon",
+        lambda r: edit_json(r, "train", lambda d: ann0(d)["segmentation"][0].__setitem__(1, -(10**400))),
+        "train/_annotations.coco.json: ",
+        "finite x,y pairs",
+    ),
+    (
+        "NaN in bbox",
+        lambda r: edit_json(r, "train", lambda d: ann0(d)["bbox"].__setitem__(0, float("nan"))),
+        "train/_annotations.coco.json: ",
+        "bbox is not 4 finite numbers",
+    ),
+    (
+        "Infinity in polygon",
+        lambda r: edit_json(r, "train", lambda d: ann0(d)["segmentation"][0].__setitem__(2, float("inf"))),
+        "train/_annotations.coco.json: ",
+        "finite x,y pairs",
+    ),
+    (
+        "Infinity as width",
+        lambda r: edit_json(r, "test", lambda d: d["images"][0].update(width=float("inf"))),
+        "test/",
+        "but the json says infx640",
+    ),
+    (
+        "list as annotation id",
+        lambda r: edit_json(r, "train", lambda d: ann0(d).update(id=[1])),
+        "train/_annotations.coco.json: ",
+        "needs an integer 'id'",
+    ),
+    (
+        "object as image_id",
+        lambda r: edit_json(r, "train", lambda d: ann0(d).update(image_id={"a": 1})),
+        "train/_annotations.coco.json: ",
+        "unknown image_id {'a': 1}",
+    ),
+    (
+        "string segmentation",
+        lambda r: edit_json(r, "train", lambda d: ann0(d).update(segmentation="12 13")),
+        "train/_annotations.coco.json: ",
+        "neither polygons nor an RLE",
+    ),
     ("NUL in file_name", _file_name_with("\x00"), "valid/_annotations.coco.json: ", "contains the control character \\x00"),
-    ("newline in file_name", _file_name_with("\n"), "valid/_annotations.coco.json: ", "\\nerror: forged.jpg' contains the control character \\n"),
+    (
+        "newline in file_name",
+        _file_name_with("\n"),
+        "valid/_annotations.coco.json: ",
+        "\\nerror: forged.jpg' contains the control character \\n",
+    ),
     ("line separator in file_name", _file_name_with("\u2028"), "valid/_annotations.coco.json: ", "control character \\u2028"),
-    ("listed twice, other size", _listed_twice_other_size, "train/_annotations.coco.json: ", "with different sizes (640x640 and 320x640)"),
-    ("RLE size not the image's", _rle(lambda r: r.update(size=[640, 600])), "train/_annotations.coco.json: ", "RLE size [height, width] [640, 600] does not match the 640x640 image"),
-    ("RLE counts too short", _rle(lambda r: r.update(counts=r["counts"][:-3])), "train/_annotations.coco.json: ", "RLE counts are not runs covering the 409600 pixels"),
-    ("RLE counts bad characters", _rle(lambda r: r.update(counts="~~~~")), "train/_annotations.coco.json: ", "RLE counts are not runs"),
-    ("RLE list counts too long", _rle(lambda r: r.update(counts=[409600, 10**400])), "train/_annotations.coco.json: ", "RLE counts are not runs"),
-    ("EXIF-turned image, json has stored size", _exif_turned, "train/", "is 480x640 as displayed (EXIF orientation 6) but the json says 640x480"),
+    (
+        "listed twice, other size",
+        _listed_twice_other_size,
+        "train/_annotations.coco.json: ",
+        "with different sizes (640x640 and 320x640)",
+    ),
+    (
+        "RLE size not the image's",
+        _rle(lambda r: r.update(size=[640, 600])),
+        "train/_annotations.coco.json: ",
+        "RLE size [height, width] [640, 600] does not match the 640x640 image",
+    ),
+    (
+        "RLE counts too short",
+        _rle(lambda r: r.update(counts=r["counts"][:-3])),
+        "train/_annotations.coco.json: ",
+        "RLE counts are not runs covering the 409600 pixels",
+    ),
+    (
+        "RLE counts bad characters",
+        _rle(lambda r: r.update(counts="~~~~")),
+        "train/_annotations.coco.json: ",
+        "RLE counts are not runs",
+    ),
+    (
+        "RLE list counts too long",
+        _rle(lambda r: r.update(counts=[409600, 10**400])),
+        "train/_annotations.coco.json: ",
+        "RLE counts are not runs",
+    ),
+    (
+        "EXIF-turned image, json has stored size",
+        _exif_turned,
+        "train/",
+        "is 480x640 as displayed (EXIF orientation 6) but the json says 640x480",
+    ),
     ("16-bit PNG of another size", _sixteen_bit_wrong_size, "train/grey16.png: ", "is 640x400 but the json says 640x640"),
 ]
 
@@ -335,7 +433,11 @@ def test_sixteen_bit_png_converts_like_its_jpeg(sample_copy, tmp_path, converted
     Image.fromarray(grey16).save(jpg.with_suffix(".png"))
     jpg.unlink()
     assert Image.open(jpg.with_suffix(".png")).mode.startswith("I")  # really 16 bits
-    edit_json(sample_copy, "train", lambda d: next(i for i in d["images"] if i["id"] == im["id"]).update(file_name=jpg.with_suffix(".png").name))
+    edit_json(
+        sample_copy,
+        "train",
+        lambda d: next(i for i in d["images"] if i["id"] == im["id"]).update(file_name=jpg.with_suffix(".png").name),
+    )
     convert(sample_copy, tmp_path / "out", **QUIET)
     out = Image.open(tmp_path / "out" / "labels" / "train" / f"{jpg.stem}.png")
     assert out.mode == "L" and np.array_equal(np.asarray(out), label(converted_sample, f"{jpg.stem}.png"))
@@ -368,7 +470,8 @@ STEMS = ["x", "X", "x_jpg", "x_JPG", "y"]
 SUFFIXES = [".jpg", ".JPG", ".jpeg", ".Jpeg", ".png", ".PNG"]
 file_names = st.sets(
     st.builds(lambda f, s, x: f + s + x, st.sampled_from(FOLDERS), st.sampled_from(STEMS), st.sampled_from(SUFFIXES)),
-    min_size=1, max_size=8,
+    min_size=1,
+    max_size=8,
 ).filter(lambda names: not any(m.startswith(n + "/") for n in names for m in names))  # a file is no folder on disk
 
 
@@ -418,11 +521,18 @@ def test_label_paths_are_distinct_on_real_files(names):
 
 
 @settings(max_examples=300, deadline=None)
-@given(names=st.sets(
-    st.builds(lambda f, s, x: f + s + x, st.sampled_from(["", "a/", "A/", "é/", "e\u0301/", "x.png/", "a/b.PNG/"]),
-              st.sampled_from(["x", "X", "É", "e\u0301", "x_png", "x_jpg", "b", "x.jpg"]),
-              st.sampled_from(["", ".jpg", ".JPG", ".png", ".jpeg", ".PNG", ".tif"])),
-    min_size=1, max_size=12))
+@given(
+    names=st.sets(
+        st.builds(
+            lambda f, s, x: f + s + x,
+            st.sampled_from(["", "a/", "A/", "é/", "e\u0301/", "x.png/", "a/b.PNG/"]),
+            st.sampled_from(["x", "X", "É", "e\u0301", "x_png", "x_jpg", "b", "x.jpg"]),
+            st.sampled_from(["", ".jpg", ".JPG", ".png", ".jpeg", ".PNG", ".tif"]),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
 def test_label_paths_property(names):
     labels = label_paths(sorted(names))
     folded = [fold(p) for p in labels.values()]

@@ -45,9 +45,20 @@ def test_postprocessing_table_is_one_mlflow_run_nested_under_the_weights_trainin
     import mlflow
 
     weights = BUNDLE / "models" / "model.pt"
-    check(run_cli("experiments/import_runs.py", str(RESULTS), "--tracking_dir", str(tmp_path), "--checkpoint", f"default={weights}"))
-    result = check(run_cli("experiments/postprocessing.py", "--dataset_dir", str(converted_sample), "--split", "validation",
-                           "--tracking_dir", str(tmp_path)))
+    check(
+        run_cli("experiments/import_runs.py", str(RESULTS), "--tracking_dir", str(tmp_path), "--checkpoint", f"default={weights}")
+    )
+    result = check(
+        run_cli(
+            "experiments/postprocessing.py",
+            "--dataset_dir",
+            str(converted_sample),
+            "--split",
+            "validation",
+            "--tracking_dir",
+            str(tmp_path),
+        )
+    )
     rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| True") or line.startswith("| False")]
     rules = {(r[0].strip("| "), r[1]) for r in rows}
     assert ("True", "expected_dice_box") in rules and ("False", "largest_component_bbox") in rules and len(rows) == 2 * 11

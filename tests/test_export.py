@@ -67,8 +67,17 @@ def test_export_then_reexport(tmp_path):
     ok(export_cli(out, "--zip"))
     target = out / NAME
     files = snapshot(target)
-    for rel in ("configs/inference.json", "configs/train.yaml", "configs/metadata.json", "configs/logging.conf",
-                "models/model.pt", "LICENSE", "docs/README.md", "scripts/__init__.py", "scripts/tumorseg/export.py"):
+    for rel in (
+        "configs/inference.json",
+        "configs/train.yaml",
+        "configs/metadata.json",
+        "configs/logging.conf",
+        "models/model.pt",
+        "LICENSE",
+        "docs/README.md",
+        "scripts/__init__.py",
+        "scripts/tumorseg/export.py",
+    ):
         assert rel in files, rel
     json.loads((target / "configs" / "inference.json").read_text())
     assert (target / "models" / "model.pt").read_bytes() == (BUNDLE / "models" / "model.pt").read_bytes()

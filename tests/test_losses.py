@@ -54,8 +54,14 @@ def test_equals_monai_dice_focal_where_they_coincide(batch, w_dice, w_focal, alp
     y = (torch.rand(3, 1, 16, 16) > 0.8).float()
     ours = PosterDiceFocalLoss(w_dice=w_dice, w_focal=w_focal, alpha=alpha, gamma=gamma, smooth=smooth, batch=batch)
     monai = DiceFocalLoss(
-        sigmoid=True, smooth_nr=smooth, smooth_dr=smooth, batch=batch, gamma=gamma, alpha=None,
-        lambda_dice=w_dice, lambda_focal=w_focal * alpha,
+        sigmoid=True,
+        smooth_nr=smooth,
+        smooth_dr=smooth,
+        batch=batch,
+        gamma=gamma,
+        alpha=None,
+        lambda_dice=w_dice,
+        lambda_focal=w_focal * alpha,
     )
     assert ours(x, y).item() == pytest.approx(monai(x, y).item(), rel=1e-5)
 

@@ -63,8 +63,12 @@ def test_shape_mismatch_is_refused():
 
 def test_presence_counts_slices_not_pixels():
     empty = np.zeros((64, 64), bool)
-    rows = [metrics.image_metrics(box(), box()), metrics.image_metrics(empty, box()),  # found, missed
-            metrics.image_metrics(empty, empty), metrics.image_metrics(box(x0=50, x1=52), empty)]  # clean, false alarm
+    rows = [
+        metrics.image_metrics(box(), box()),
+        metrics.image_metrics(empty, box()),  # found, missed
+        metrics.image_metrics(empty, empty),
+        metrics.image_metrics(box(x0=50, x1=52), empty),
+    ]  # clean, false alarm
     assert metrics.presence(rows) == {"sensitivity": 0.5, "specificity": 0.5, "tumour_slices": 2, "healthy_slices": 2}
     only_tumour = metrics.presence(rows[:2])
     assert only_tumour["sensitivity"] == 0.5 and math.isnan(only_tumour["specificity"])

@@ -13,19 +13,27 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO, free_port, mlflow_run, port_open
+from conftest import IN_CI, REPO, free_port, mlflow_run, port_open
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+if not IN_CI:
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.browser,
-    pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)"),
+    pytest.mark.skipif(CHROMIUM is None and not IN_CI, reason="Chromium is not installed (apt-get install chromium)"),
 ]
 # no network here: without these Chromium keeps trying to reach Google's services
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOTS = Path(os.environ.get("TUMORSEG_SCREENSHOT_DIR", REPO / "test-artifacts"))
 
 
@@ -35,10 +43,22 @@ def mlflow_ui(trained, evaluated, tmp_path):
     mlflow = Path(sys.executable).with_name("mlflow")
     log = (tmp_path / "mlflow-ui.log").open("w")
     server = subprocess.Popen(
-        [str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{trained}/mlflow/mlruns.db",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        [
+            str(mlflow),
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{trained}/mlflow/mlruns.db",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 90
@@ -65,9 +85,14 @@ def test_run_page_shows_run_metric_parameter_and_panel(mlflow_ui, trained, tmp_p
     _, run = mlflow_run(trained / "mlflow", "train")
     page_url = f"{mlflow_ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with playwright.sync_playwright() as p:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=FLAGS,
+            str(tmp_path / "chromium-profile"),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=FLAGS,
             viewport={"width": 1600, "height": 2400},
         )
         try:

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import IN_CI, QUICK, REPO, check, free_port, port_open, run_cli
 from PIL import Image
-
-from conftest import QUICK, REPO, check, free_port, port_open, run_cli
 
 ML_VENV = Path(os.environ.get("TUMORSEG_MONAILABEL_VENV", REPO / ".venv-monailabel"))
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (ML_VENV / "bin" / "monailabel").exists(), reason="no MONAI Label venv (make monailabel-venv)"),
+    pytest.mark.skipif(
+        not (ML_VENV / "bin" / "monailabel").exists() and not IN_CI, reason="no MONAI Label venv (make monailabel-venv)"
+    ),
 ]
 NET = dict(zip(QUICK[0:8:2], QUICK[1:8:2]))  # the small network of the `trained` fixture
 
@@ -41,8 +42,22 @@ def test_monai_label_infer_equals_the_bundle_inference(trained, tmp_path):
     studies.mkdir()
     shutil.copy(image, studies / image.name)
     # the bundle's own inference, from the exported (flattened) config
-    check(run_cli("-m", "monai.bundle", "run", "inference", "--config_file", str(bundle / "configs" / "inference.json"),
-                  "--bundle_root", str(bundle), "--dataset_dir", str(studies), "--output_dir", str(tmp_path / "bundle_out")))
+    check(
+        run_cli(
+            "-m",
+            "monai.bundle",
+            "run",
+            "inference",
+            "--config_file",
+            str(bundle / "configs" / "inference.json"),
+            "--bundle_root",
+            str(bundle),
+            "--dataset_dir",
+            str(studies),
+            "--output_dir",
+            str(tmp_path / "bundle_out"),
+        )
+    )
     expected = np.asarray(Image.open(tmp_path / "bundle_out" / f"{image.stem}_seg.png")) > 0
 
     port = free_port()
@@ -50,9 +65,25 @@ def test_monai_label_infer_equals_the_bundle_inference(trained, tmp_path):
     env.pop("PYTHONPATH", None)
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
-        [str(ML_VENV / "bin" / "monailabel"), "start_server", "--app", str(app), "--studies", str(studies),
-         "--host", "127.0.0.1", "--port", str(port), "--conf", "models", "brain_tumor_mri_seg"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(ML_VENV / "bin" / "monailabel"),
+            "start_server",
+            "--app",
+            str(app),
+            "--studies",
+            str(studies),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--conf",
+            "models",
+            "brain_tumor_mri_seg",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.time() + 180
@@ -64,7 +95,8 @@ def test_monai_label_infer_equals_the_bundle_inference(trained, tmp_path):
                 assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
                 time.sleep(1)
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/infer/brain_tumor_mri_seg?image={image.stem}&output=image", method="POST")
+            f"http://127.0.0.1:{port}/infer/brain_tumor_mri_seg?image={image.stem}&output=image", method="POST"
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             assert response.headers["content-type"] == "image/png"
             (tmp_path / "ml_mask.png").write_bytes(response.read())

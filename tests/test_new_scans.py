@@ -11,16 +11,19 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import SAMPLE, run_cli
 from PIL import Image
 
-from conftest import SAMPLE, run_cli
 from data_tools.nifti_to_dicom import write_series
 
 pytestmark = pytest.mark.slow
 
 # every axis order with every flip: 48 ways to store one volume (a nibabel orientation array each)
-ORIENTATIONS = [np.array([[axis, flip] for axis, flip in zip(perm, flips)])
-                for perm in itertools.permutations(range(3)) for flips in itertools.product((1, -1), repeat=3)]
+ORIENTATIONS = [
+    np.array([[axis, flip] for axis, flip in zip(perm, flips)])
+    for perm in itertools.permutations(range(3))
+    for flips in itertools.product((1, -1), repeat=3)
+]
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # voxel (x, y, z) -> RAS of an LPS-stored volume, 1 mm
 
 
@@ -138,8 +141,9 @@ def test_healthy_builder_reports_its_sources(tmp_path):
     from data_tools.coco_to_monai import convert
 
     convert(SAMPLE, tmp_path / "sample", progress=False, log=lambda line: None)
-    result = run_cli("-m", "data_tools.healthy", str(tmp_path / "sample"), str(tmp_path / "neg"), "--variants", "1",
-                     "--synthetic", "5")
+    result = run_cli(
+        "-m", "data_tools.healthy", str(tmp_path / "sample"), str(tmp_path / "neg"), "--variants", "1", "--synthetic", "5"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     datalist = json.loads((tmp_path / "neg" / "datalist.json").read_text())
     assert set(datalist["negatives"]) >= {"mni_t1", "epi", "synthetic", "mirror_validation", "heldout_tlrc"}

@@ -11,9 +11,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
-
 from conftest import REPO, run_cli
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +22,16 @@ ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
 
 
 def predict(trained, *args, extra=()):
-    return run_cli("-m", "tumorseg.predict", *map(str, args), "--checkpoint", str(trained / "models" / "model.pt"),
-                   *SMALL_NET, "--no-progress", *extra)
+    return run_cli(
+        "-m",
+        "tumorseg.predict",
+        *map(str, args),
+        "--checkpoint",
+        str(trained / "models" / "model.pt"),
+        *SMALL_NET,
+        "--no-progress",
+        *extra,
+    )
 
 
 def ok(result):
@@ -133,8 +140,21 @@ def test_standalone_bundle_inference_uses_sliding_windows_on_any_aspect_ratio(tr
     wide = tmp_path / "in"
     wide.mkdir()
     Image.open(SAMPLE_JPG).convert("L").resize((640, 400)).save(wide / "wide.png")
-    check(run_cli(
-        "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIGS / "inference.yaml"), "--dataset_dir", str(wide),
-        "--ckpt_dir", str(trained / "models"), "--output_dir", str(tmp_path / "out"), *QUICK,
-    ))
+    check(
+        run_cli(
+            "-m",
+            "monai.bundle",
+            "run",
+            "inference",
+            "--config_file",
+            str(CONFIGS / "inference.yaml"),
+            "--dataset_dir",
+            str(wide),
+            "--ckpt_dir",
+            str(trained / "models"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            *QUICK,
+        )
+    )
     assert Image.open(tmp_path / "out" / "wide_seg.png").size == (640, 400)

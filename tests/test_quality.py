@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import BUNDLE, SAMPLE, check, configs, run_cli
 
 WEIGHTS = BUNDLE / "models" / "model.pt"
@@ -25,8 +24,9 @@ def test_flip_tta_inferer_averages_flipped_views_and_switches_off():
     def net(t):
         return t + ramp
 
-    expected = torch.stack([torch.sigmoid((x.flip(d) + ramp).flip(d) if d else x + ramp)
-                            for d in [(), (2,), (3,), (2, 3)]]).mean(0)
+    expected = torch.stack([torch.sigmoid((x.flip(d) + ramp).flip(d) if d else x + ramp) for d in [(), (2,), (3,), (2, 3)]]).mean(
+        0
+    )
     out = FlipTTAInferer(SimpleInferer())(x, net)
     assert torch.allclose(torch.sigmoid(out), expected, atol=1e-5)
     assert torch.equal(FlipTTAInferer(enabled=False)(x, net), net(x))
@@ -70,8 +70,23 @@ def test_shipped_weights_are_small_safe_and_segment_held_out_sample_slices(conve
     state = torch.load(WEIGHTS, weights_only=True, map_location="cpu")
     assert all(v.device.type == "cpu" for v in state.values())
     out = tmp_path / "eval"
-    check(run_cli("-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"),
-                  "--dataset_dir", str(converted_sample), "--eval_list", "test", "--eval_dir", str(out), "--num_workers", "0"))
+    check(
+        run_cli(
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            configs("evaluate.yaml"),
+            "--dataset_dir",
+            str(converted_sample),
+            "--eval_list",
+            "test",
+            "--eval_dir",
+            str(out),
+            "--num_workers",
+            "0",
+        )
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 8
     assert summary["per_image"]["dice"]["mean"] > 0.6, summary["per_image"]
@@ -85,8 +100,24 @@ def test_tta_and_box_fit_switch_from_the_command_line(converted_sample, tmp_path
     results = {}
     for flag in ("true", "false"):
         out = tmp_path / flag
-        check(run_cli("-m", "monai.bundle", "run", "inference", "--config_file", str(BUNDLE / "configs" / "inference.yaml"),
-                      "--dataset_dir", str(SAMPLE / "test"), "--output_dir", str(out), "--tta", flag, "--box_fit", flag))
+        check(
+            run_cli(
+                "-m",
+                "monai.bundle",
+                "run",
+                "inference",
+                "--config_file",
+                str(BUNDLE / "configs" / "inference.yaml"),
+                "--dataset_dir",
+                str(SAMPLE / "test"),
+                "--output_dir",
+                str(out),
+                "--tta",
+                flag,
+                "--box_fit",
+                flag,
+            )
+        )
         results[flag] = sorted(out.glob("*_seg.png"))
         assert len(results[flag]) == 8
 

@@ -11,25 +11,55 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TRAIN, check, configs, mlflow_run, run_cli
 
 pytestmark = pytest.mark.slow
 
 # slow enough per epoch (12 iterations) to be killed in the middle of one
-SLOW_EPOCHS = ["--image_size", "96", "--channels", "[8, 16, 32]", "--strides", "[2, 2]", "--num_res_units", "1",
-               "--batch_size", "2", "--num_workers", "0", "--max_epochs", "4"]
+SLOW_EPOCHS = [
+    "--image_size",
+    "96",
+    "--channels",
+    "[8, 16, 32]",
+    "--strides",
+    "[2, 2]",
+    "--num_res_units",
+    "1",
+    "--batch_size",
+    "2",
+    "--num_workers",
+    "0",
+    "--max_epochs",
+    "4",
+]
 
 
 def test_training_killed_mid_epoch_resumes_into_the_same_mlflow_run(converted_sample, tmp_path):
     from tumorseg.files import newest
 
-    args = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN,
-            "--dataset_dir", str(converted_sample), "--ckpt_dir", str(tmp_path / "models"),
-            "--output_dir", str(tmp_path / "eval"), *SLOW_EPOCHS,
-            "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(tmp_path / "mlflow")]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    args = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        "--dataset_dir",
+        str(converted_sample),
+        "--ckpt_dir",
+        str(tmp_path / "models"),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        *SLOW_EPOCHS,
+        "--tracking",
+        str(REPO / "configs" / "mlflow.json"),
+        "--tracking_dir",
+        str(tmp_path / "mlflow"),
+    ]
+    proc = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     deadline = time.time() + 300
     for line in proc.stdout:
         if "Saved checkpoint at epoch: 1" in line:
@@ -55,8 +85,9 @@ def test_training_killed_mid_epoch_resumes_into_the_same_mlflow_run(converted_sa
     assert final["optimizer"]["state"]  # Adam moments came along
     from monai.networks.nets import UNet
 
-    UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=[8, 16, 32], strides=[2, 2], num_res_units=1,
-         dropout=0.1).load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
+    UNet(
+        spatial_dims=2, in_channels=1, out_channels=1, channels=[8, 16, 32], strides=[2, 2], num_res_units=1, dropout=0.1
+    ).load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
     client, run = mlflow_run(tmp_path / "mlflow", "train")  # one run: continued, not an orphan
     assert run.info.status == "FINISHED"
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "val_mean_dice")})
@@ -78,14 +109,33 @@ def test_malicious_checkpoint_runs_nothing(converted_sample, tmp_path):
     evil = tmp_path / "model.pt"
     torch.save({"model": RunsCode(marker)}, evil)
 
-    result = run_cli("-m", "tumorseg.predict", str(next((REPO / "data" / "brain-tumor-coco-sample" / "test").glob("*.jpg"))),
-                     "-o", str(tmp_path / "out"), "--checkpoint", str(evil))
+    result = run_cli(
+        "-m",
+        "tumorseg.predict",
+        str(next((REPO / "data" / "brain-tumor-coco-sample" / "test").glob("*.jpg"))),
+        "-o",
+        str(tmp_path / "out"),
+        "--checkpoint",
+        str(evil),
+    )
     assert result.returncode == 2 and "not loadable as weights" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists()
 
-    result = run_cli("-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"),
-                     "--dataset_dir", str(converted_sample), "--checkpoint", str(evil), "--num_workers", "0",
-                     "--output_dir", str(tmp_path / "eval"))
+    result = run_cli(
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        configs("evaluate.yaml"),
+        "--dataset_dir",
+        str(converted_sample),
+        "--checkpoint",
+        str(evil),
+        "--num_workers",
+        "0",
+        "--output_dir",
+        str(tmp_path / "eval"),
+    )
     assert result.returncode != 0
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the control: an unsafe load does run it

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import CONFIGS, REPO, mlflow_run
 
 pytestmark = pytest.mark.slow
@@ -78,12 +77,26 @@ def test_evaluate_run_is_linked_to_its_training_run(trained, evaluated):
 def test_inference_run_is_tracked_and_linked(trained, evaluated, tmp_path):
     from conftest import QUICK, check, configs, run_cli
 
-    check(run_cli(
-        "-m", "monai.bundle", "run", "--config_file", configs("inference.yaml"),
-        "--input_dir", str(REPO / "data" / "brain-tumor-coco-sample" / "valid"), "--ckpt_dir", str(trained / "models"),
-        "--output_dir", str(tmp_path), *QUICK,
-        "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(trained / "mlflow"),
-    ))
+    check(
+        run_cli(
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            configs("inference.yaml"),
+            "--input_dir",
+            str(REPO / "data" / "brain-tumor-coco-sample" / "valid"),
+            "--ckpt_dir",
+            str(trained / "models"),
+            "--output_dir",
+            str(tmp_path),
+            *QUICK,
+            "--tracking",
+            str(REPO / "configs" / "mlflow.json"),
+            "--tracking_dir",
+            str(trained / "mlflow"),
+        )
+    )
     _, train_run = mlflow_run(trained / "mlflow", "train")
     _, run = mlflow_run(trained / "mlflow", "inference")
     assert run.info.status == "FINISHED"
@@ -96,12 +109,16 @@ def test_runs_started_side_by_side_into_a_fresh_store_all_succeed(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from tumorseg.tracking import MLflowTracker; from monai.utils import path_to_sqlite_uri; "
-            "t = MLflowTracker(tracking_uri=path_to_sqlite_uri(sys.argv[1] + '/mlruns.db'), experiment_name='side_by_side', "
-            "run_name='run_' + sys.argv[2]); from ignite.engine import Engine; t.start(Engine(lambda e, b: None)); "
-            "t.client.set_terminated(t.cur_run.info.run_id)")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(i)], cwd=REPO, stderr=subprocess.PIPE, text=True)
-             for i in range(4)]
+    code = (
+        "import sys; from tumorseg.tracking import MLflowTracker; from monai.utils import path_to_sqlite_uri; "
+        "t = MLflowTracker(tracking_uri=path_to_sqlite_uri(sys.argv[1] + '/mlruns.db'), experiment_name='side_by_side', "
+        "run_name='run_' + sys.argv[2]); from ignite.engine import Engine; t.start(Engine(lambda e, b: None)); "
+        "t.client.set_terminated(t.cur_run.info.run_id)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(i)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-1500:] for e in errors)
     from tumorseg.tracking import open_store

@@ -36,10 +36,31 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MANIFEST = ".tumorseg-export.json"
 # what inference needs from the merged config; training-only ids stay out
 INFERENCE_IDS = (
-    "image_key", "label_key", "pred_key", "image_size", "channels", "strides", "num_res_units", "dropout",
-    "threshold", "min_peak", "min_foreground", "tta", "box_fit", "tta_enabled", "box_fit_enabled", "amp", "device", "network_def", "preprocessing",
-    "postprocessing", "infer", "workflow",
-    "input_dir", "input_files", "output_dir",
+    "image_key",
+    "label_key",
+    "pred_key",
+    "image_size",
+    "channels",
+    "strides",
+    "num_res_units",
+    "dropout",
+    "threshold",
+    "min_peak",
+    "min_foreground",
+    "tta",
+    "box_fit",
+    "tta_enabled",
+    "box_fit_enabled",
+    "amp",
+    "device",
+    "network_def",
+    "preprocessing",
+    "postprocessing",
+    "infer",
+    "workflow",
+    "input_dir",
+    "input_files",
+    "output_dir",
 )
 
 
@@ -125,7 +146,7 @@ def _weights(path: Path, network) -> tuple[object, dict]:
     except Exception as e:  # pickle, zip and weights_only errors: the file is not plain weights
         detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n\n", str(e), re.S)
         detail = detail.group(1) if detail else (str(e).splitlines() or [""])[0]
-        raise ExportError(path, f"not loadable with torch.load(weights_only=True) ({type(e).__name__}: {detail})")
+        raise ExportError(path, f"not loadable with torch.load(weights_only=True) ({type(e).__name__}: {detail})") from None
     state = loaded["model"] if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict) else loaded
     if not isinstance(state, dict):
         raise ExportError(path, f"not a state dict (a {type(state).__name__})")
@@ -133,7 +154,9 @@ def _weights(path: Path, network) -> tuple[object, dict]:
         network.load_state_dict(state)
     except RuntimeError as e:
         detail = " ".join(str(e).split())
-        raise ExportError(path, f"weights do not fit the bundle's network_def: {detail[:200]}{'...' if len(detail) > 200 else ''}")
+        raise ExportError(
+            path, f"weights do not fit the bundle's network_def: {detail[:200]}{'...' if len(detail) > 200 else ''}"
+        ) from None
     return loaded, state
 
 
@@ -148,12 +171,15 @@ def _previous_export(target: Path) -> dict[str, str] | None:
     manifest = target / MANIFEST
     if not manifest.is_file():
         if any(target.iterdir()):
-            raise ExportError(target, f"exists and was not made by tumorseg-export (no {MANIFEST}); move it away or choose another output folder")
+            raise ExportError(
+                target,
+                f"exists and was not made by tumorseg-export (no {MANIFEST}); move it away or choose another output folder",
+            )
         return {}
     try:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ExportError(manifest, f"unreadable export manifest ({e}); move the export away or repair it")
+        raise ExportError(manifest, f"unreadable export manifest ({e}); move the export away or repair it") from None
     return dict(files)
 
 
@@ -164,13 +190,15 @@ def _write_bundle(stage: Path, bundle: Path, checkpoint: Path, weights: tuple, o
     try:
         config = flattened_inference_config(bundle, overrides)
     except (KeyError, RuntimeError, ValueError) as e:
-        raise ExportError(bundle / "configs", f"cannot build the inference config: {e}")
+        raise ExportError(bundle / "configs", f"cannot build the inference config: {e}") from None
     (stage / "configs" / "inference.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in ("metadata.json", "logging.conf"):
         shutil.copy(bundle / "configs" / name, stage / "configs" / name)
     train = (bundle / "configs" / "train.yaml").read_text()
     train = train.replace("$import tumorseg\n", "$import scripts.tumorseg as tumorseg\n")
-    train = train.replace("_target_: tumorseg.", "_target_: scripts.tumorseg.").replace("bundle_root: bundles/brain_tumor_mri_seg", "bundle_root: .")
+    train = train.replace("_target_: tumorseg.", "_target_: scripts.tumorseg.").replace(
+        "bundle_root: bundles/brain_tumor_mri_seg", "bundle_root: ."
+    )
     (stage / "configs" / "train.yaml").write_text(train)
     loaded, state = weights
     if loaded is state:
@@ -193,7 +221,7 @@ def _verify(stage: Path, network) -> None:
     try:
         json.loads(config.read_text())
     except ValueError as e:
-        raise ExportError(config, f"not valid JSON: {e}")
+        raise ExportError(config, f"not valid JSON: {e}") from None
     _weights(stage / "models" / "model.pt", network)
 
 
@@ -230,7 +258,11 @@ def _zip(stage: Path, name: str, path: Path) -> None:
 
 
 def export(
-    out: Path, bundle: Path = BUNDLE, checkpoint: Path | None = None, make_zip: bool = False, overrides: dict | None = None,
+    out: Path,
+    bundle: Path = BUNDLE,
+    checkpoint: Path | None = None,
+    make_zip: bool = False,
+    overrides: dict | None = None,
     report=print,
 ) -> Path:
     """Write ``<out>/<bundle name>/`` (and ``<out>/<bundle name>.zip`` with ``make_zip``).
@@ -258,7 +290,7 @@ def export(
     try:
         network = inference_parser(bundle, overrides).get_parsed_content("network_def")
     except Exception as e:  # MONAI's config errors come in many types
-        raise ExportError(bundle / "configs", f"network_def does not build: {e}")
+        raise ExportError(bundle / "configs", f"network_def does not build: {e}") from None
     weights = _weights(checkpoint, network)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(4)
@@ -308,8 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, default=BUNDLE)
     p.add_argument("--checkpoint", type=Path, help="weights (default: <bundle>/models/model.pt)")
     p.add_argument("--zip", action="store_true", help="also write <bundle name>.zip")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override written into inference.json, e.g. --set image_size=128 (JSON values)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override written into inference.json, e.g. --set image_size=128 (JSON values)",
+    )
     args = p.parse_args(argv)
     from .bundle import parse_overrides
 

@@ -15,9 +15,9 @@ import os
 import time
 from pathlib import Path
 
+import ignite.distributed as idist
 import numpy as np
 import torch
-import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
@@ -122,8 +122,11 @@ class MetricsLog:
         self._steps += 1
 
     def _epoch(self, engine: Engine) -> None:
-        record = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
-                  "time_s": round(time.perf_counter() - self._start, 3)}
+        record = {
+            "epoch": engine.state.epoch,
+            "iteration": engine.state.iteration,
+            "time_s": round(time.perf_counter() - self._start, 3),
+        }
         if self.optimizer is not None:
             record["lr"] = float(self.optimizer.param_groups[0]["lr"])
         if self._steps:
@@ -186,7 +189,12 @@ class _CaseCollector:
             row = {"image": _name(item, len(self.rows)), **self.case_metrics(pred, label)}
             self.rows.append(row)
             # keep pictures only of cases that may end up in the panel
-            case = lambda: (item[image_key].detach().cpu().numpy()[0], label, pred, row)  # noqa: E731
+            case = lambda item=item, label=label, pred=pred, row=row: (  # noqa: E731  (built only when kept)
+                item[image_key].detach().cpu().numpy()[0],
+                label,
+                pred,
+                row,
+            )
             key = (row["dice"], len(self.rows))
             for heap, size, sign in ((self._worst, self.num_worst, -1), (self._best, self.num_best, 1)):
                 entry = (sign * key[0], sign * key[1])
@@ -269,8 +277,13 @@ class SegmentationReport(_CaseCollector):
         figures = {f"{self.prefix}{key}": stats["mean"] for key, stats in self.summary["per_image"].items()}
         for group in ("global", "poster"):
             figures.update({f"{self.prefix}{group}_{key}": value for key, value in self.summary[group].items()})
-        figures.update({f"{self.prefix}slice_{key}": float(value) for key, value in self.summary["presence"].items()
-                        if key in ("sensitivity", "specificity") and value == value})  # NaN: no such slices
+        figures.update(
+            {
+                f"{self.prefix}slice_{key}": float(value)
+                for key, value in self.summary["presence"].items()
+                if key in ("sensitivity", "specificity") and value == value
+            }
+        )  # NaN: no such slices
         engine.state.metrics.update(figures)
         if not _is_rank0():
             return

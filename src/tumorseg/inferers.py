@@ -24,8 +24,9 @@ class FlipTTAInferer(Inferer):
             unflipped view. Default: the slice and its flips along each axis and both.
     """
 
-    def __init__(self, inferer: Inferer | None = None, enabled: bool = True,
-                 flips: Sequence[Sequence[int]] = ((), (2,), (3,), (2, 3))) -> None:
+    def __init__(
+        self, inferer: Inferer | None = None, enabled: bool = True, flips: Sequence[Sequence[int]] = ((), (2,), (3,), (2, 3))
+    ) -> None:
         if not flips:
             raise ValueError("flips must name at least one view, e.g. [[]] for the slice itself.")
         self.inferer = inferer or SimpleInferer()

@@ -108,8 +108,9 @@ def output_stems(cases: list[Path]) -> list[str]:
     return stems
 
 
-def predict_case(predictor, path: Path, output, axis: int | None = None, keep_largest: bool = False,
-                 stem: str | None = None) -> dict:
+def predict_case(
+    predictor, path: Path, output, axis: int | None = None, keep_largest: bool = False, stem: str | None = None
+) -> dict:
     """Predict one case and write its outputs; returns the JSON summary.
 
     ``axis`` None: volumes in the canonical orientation, axial slices; an int: slices along that
@@ -156,9 +157,12 @@ def predict_case(predictor, path: Path, output, axis: int | None = None, keep_la
     folder = output if isinstance(output, OutputFolder) else OutputFolder(Path(output), {path})
     output = folder.root
     stem = stem or _stem(path)
-    outputs = {"mask": output / f"{stem}_seg.{'png' if case.kind == 'slice' else 'nii.gz'}",
-               "dicom_seg": output / f"{stem}_seg.dcm", "overlay": output / f"{stem}_overlay.png",
-               "summary": output / f"{stem}.json"}
+    outputs = {
+        "mask": output / f"{stem}_seg.{'png' if case.kind == 'slice' else 'nii.gz'}",
+        "dicom_seg": output / f"{stem}_seg.dcm",
+        "overlay": output / f"{stem}_overlay.png",
+        "summary": output / f"{stem}.json",
+    }
     spacing = case.spacing
     pixels = int(mask.sum())
     unit = float(np.prod(spacing[: mask.ndim])) if spacing else None
@@ -171,7 +175,8 @@ def predict_case(predictor, path: Path, output, axis: int | None = None, keep_la
         "tumour_pixels": pixels,
         ("tumour_area_mm2" if stored.ndim == 2 else "tumour_volume_mm3"): pixels * unit if unit else None,
         "slices_with_tumour": [int(k) for k in np.flatnonzero(shown_mask.reshape(-1, shown_mask.shape[-1]).any(0))]
-        if shown_mask.ndim == 3 else None,
+        if shown_mask.ndim == 3
+        else None,
         "max_probability": max(peaks, default=0.0),
         "threshold": predictor.threshold,
         "tta": predictor.tta,
@@ -190,15 +195,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, required=True, help="folder for the outputs (created)")
     p.add_argument("--bundle", type=Path, default=BUNDLE, help="bundle folder (default: the repository's)")
     p.add_argument("--checkpoint", type=Path, help="weights (default: <bundle>/models/model.pt)")
-    p.add_argument("--axis", type=int, choices=(0, 1, 2),
-                   help="slice 3D volumes along this voxel axis as stored (default: axial slices of the canonical orientation)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="test-time augmentation, averaging over the slice's flips (default: the inference config's tta)")
-    p.add_argument("--box-fit", action=argparse.BooleanOptionalAction, default=None,
-                   help="one rectangle per slice, of highest expected Dice (default: the inference config's box_fit)")
+    p.add_argument(
+        "--axis",
+        type=int,
+        choices=(0, 1, 2),
+        help="slice 3D volumes along this voxel axis as stored (default: axial slices of the canonical orientation)",
+    )
+    p.add_argument(
+        "--tta",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="test-time augmentation, averaging over the slice's flips (default: the inference config's tta)",
+    )
+    p.add_argument(
+        "--box-fit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one rectangle per slice, of highest expected Dice (default: the inference config's box_fit)",
+    )
     p.add_argument("--keep-largest", action="store_true", help="keep only the largest connected tumour region")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="bundle config override, e.g. --set image_size=128 (JSON values)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="bundle config override, e.g. --set image_size=128 (JSON values)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 

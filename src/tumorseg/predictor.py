@@ -66,8 +66,15 @@ class Predictor:
         batch_size: slices of a volume run through the network together.
     """
 
-    def __init__(self, bundle: Path = BUNDLE, checkpoint: Path | None = None, overrides: dict | None = None,
-                 tta: bool | None = None, box_fit: bool | None = None, batch_size: int = 8):
+    def __init__(
+        self,
+        bundle: Path = BUNDLE,
+        checkpoint: Path | None = None,
+        overrides: dict | None = None,
+        tta: bool | None = None,
+        box_fit: bool | None = None,
+        batch_size: int = 8,
+    ):
         import torch
         from monai.transforms import Compose
 
@@ -88,8 +95,9 @@ class Predictor:
             self.box_fit = bool(parser.get_parsed_content("box_fit_enabled"))
             self.preprocess = Compose(parser.get_parsed_content("slice_preprocessing"))
             self.postprocess = parser.get_parsed_content("postprocessing")
-            self.gate = PresenceGate(float(parser.get_parsed_content("min_peak")),
-                                     float(parser.get_parsed_content("min_foreground")))
+            self.gate = PresenceGate(
+                float(parser.get_parsed_content("min_peak")), float(parser.get_parsed_content("min_foreground"))
+            )
             self.network_def = parser.get_parsed_content("network_def")
         except (ValueError, TypeError) as e:
             raise InputError(f"bundle config: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}") from None
@@ -143,10 +151,13 @@ class Predictor:
         peaks = [0.0] * len(slices)
         if not hi > lo:  # a constant case: nothing to see
             return masks, peaks
-        keep = [k for k, s in enumerate(slices)
-                if float(((s - lo) > self.gate.foreground_level * (hi - lo)).mean()) >= self.gate.min_foreground]
+        keep = [
+            k
+            for k, s in enumerate(slices)
+            if float(((s - lo) > self.gate.foreground_level * (hi - lo)).mean()) >= self.gate.min_foreground
+        ]
         for start in range(0, len(keep), self.batch_size):
-            ks = keep[start:start + self.batch_size]
+            ks = keep[start : start + self.batch_size]
             got, top = self._batch([slices[k] for k in ks])
             for k, m, p in zip(ks, got, top):
                 masks[k], peaks[k] = m, p

@@ -92,8 +92,11 @@ class Case:
             return np.asarray(array)
         from monai.data import MetaTensor
 
-        mt = MetaTensor(torch.as_tensor(np.asarray(array))[None], meta=dict(canonical.meta),
-                        applied_operations=list(canonical.applied_operations))
+        mt = MetaTensor(
+            torch.as_tensor(np.asarray(array))[None],
+            meta=dict(canonical.meta),
+            applied_operations=list(canonical.applied_operations),
+        )
         back = self._orientation.inverse(mt)
         return np.asarray(back[0])
 

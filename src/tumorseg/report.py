@@ -50,14 +50,15 @@ def html_report(
         if panel_png
         else ""
     )
+    mean, median = (np.mean(dice), np.median(dice)) if dice else (float("nan"), float("nan"))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}td{{padding:2px 10px}}tr:nth-child(even){{background:#f2f2f2}}</style>
 </head><body>
 <h1>{esc(title)}</h1>
 <h2>Figures</h2><table>{table}</table>
-<h2>Per-image Dice ({len(dice)} images, mean {np.mean(dice) if dice else float('nan'):.4f}, median {np.median(dice) if dice else float('nan'):.4f})</h2>
-{histogram_svg(dice) if dice else ''}
+<h2>Per-image Dice ({len(dice)} images, mean {mean:.4f}, median {median:.4f})</h2>
+{histogram_svg(dice) if dice else ""}
 <h2>Worst {len(ranked)} cases</h2><table><tr><th>image</th><th>Dice</th><th>IoU</th></tr>{worst_rows}</table>
 {picture}
 </body></html>

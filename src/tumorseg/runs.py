@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     trained = [r for r in runs if r.data.tags.get("workflow") == "train"][:2]
     if len(trained) == 2:
         ids = ",".join(f'"{r.info.run_id}"' for r in trained)
-        print(f"  compare the last two training runs: http://127.0.0.1:5000/#/compare-runs?runs=[{ids}]"
-              f'&experiments=["{experiment.experiment_id}"]')
+        print(
+            f"  compare the last two training runs: http://127.0.0.1:5000/#/compare-runs?runs=[{ids}]"
+            f'&experiments=["{experiment.experiment_id}"]'
+        )
     if runs:
         print(f"  last run page: http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs/{runs[0].info.run_id}")
     return 0

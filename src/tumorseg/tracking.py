@@ -20,8 +20,16 @@ from pathlib import Path
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
-__all__ = ["MLflowTracker", "file_digest", "flatten_config", "run_name", "environment_params", "store_lock", "open_store",
-           "training_run_id"]
+__all__ = [
+    "MLflowTracker",
+    "file_digest",
+    "flatten_config",
+    "run_name",
+    "environment_params",
+    "store_lock",
+    "open_store",
+    "training_run_id",
+]
 
 MAX_PARAM_VALUE = 500  # long expressions are cut: a parameter is for reading, the config file is an artifact
 
@@ -134,16 +142,21 @@ def open_store(tracking_dir: str | Path, experiment: str = "brain_tumor_mri_seg"
     with store_lock(uri):
         client = mlflow.MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=(root / "mlruns").as_uri())
+        experiment_id = (
+            found.experiment_id if found else client.create_experiment(experiment, artifact_location=(root / "mlruns").as_uri())
+        )
     return client, experiment_id
 
 
 def training_run_id(client, experiment_id: str, digest: str) -> str | None:
     """The newest training run whose best checkpoint has SHA-256 ``digest`` (its
     ``checkpoint_sha256`` tag), or None: where runs of those weights nest in the UI."""
-    found = client.search_runs([experiment_id], filter_string=f"tags.checkpoint_sha256 = '{digest}' and tags.workflow = 'train'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.checkpoint_sha256 = '{digest}' and tags.workflow = 'train'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return found[0].info.run_id if found else None
 
 

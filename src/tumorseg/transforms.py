@@ -79,8 +79,13 @@ class ExpectedDiceBox(Transform):
 class ExpectedDiceBoxd(MapTransform):
     """Dictionary version of :class:`ExpectedDiceBox`."""
 
-    def __init__(self, keys: KeysCollection, threshold: float = 0.5,
-                 levels: Sequence[float] = tuple(np.linspace(0.1, 0.9, 17)), allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        threshold: float = 0.5,
+        levels: Sequence[float] = tuple(np.linspace(0.1, 0.9, 17)),
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.transform = ExpectedDiceBox(threshold, levels)
 
@@ -121,7 +126,11 @@ class PresenceGate(Transform):
             raise ValueError(f"min_foreground must be in [0, 1), got {min_foreground}.")
         if not 0.0 <= foreground_level < 1.0:
             raise ValueError(f"foreground_level must be in [0, 1), got {foreground_level}.")
-        self.min_peak, self.min_foreground, self.foreground_level = float(min_peak), float(min_foreground), float(foreground_level)
+        self.min_peak, self.min_foreground, self.foreground_level = (
+            float(min_peak),
+            float(min_foreground),
+            float(foreground_level),
+        )
 
     def foreground_fraction(self, image) -> float:
         arr = convert_data_type(image, np.ndarray)[0].astype(np.float32)
@@ -143,8 +152,15 @@ class PresenceGated(MapTransform):
     """Dictionary version of :class:`PresenceGate`: gates ``keys`` (probabilities) by
     ``image_key`` (the network's input image)."""
 
-    def __init__(self, keys: KeysCollection, image_key: str = "image", min_peak: float = 0.5,
-                 min_foreground: float = 0.02, foreground_level: float = 0.1, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        min_peak: float = 0.5,
+        min_foreground: float = 0.02,
+        foreground_level: float = 0.1,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
         self.gate = PresenceGate(min_peak, min_foreground, foreground_level)
