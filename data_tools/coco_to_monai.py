@@ -72,7 +72,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from tumorseg.files import write_atomic
+from tumorseg.files import show, write_atomic
 
 DATALIST_NAME = "datalist.json"
 ANNOTATION_NAME = "_annotations.coco.json"
@@ -80,14 +80,6 @@ DEFAULT_SPLITS = {"training": "train", "validation": "valid", "test": "test"}
 EXIF_ORIENTATION = 0x0112  # 274
 MIN_POLYGON_AREA = 1e-6  # square pixels; below it a polygon counts as of zero area (rounding)
 _BAD_NAME_CHARS = {"Cc", "Cs", "Zl", "Zp"}  # controls (NUL, newline...), lone surrogates, line/paragraph separators
-
-
-def show(path) -> str:
-    """A path or name as written in messages: unprintable characters escaped (``\\n``, ``\\x00``,
-    ``\\u2028``) and backslashes doubled, so that a message stays one line and names read back
-    unambiguously."""
-    text = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
-    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 _short = reprlib.Repr()

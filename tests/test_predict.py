@@ -14,6 +14,8 @@ import pytest
 from conftest import REPO, run_cli
 from PIL import Image
 
+from data_tools.nifti_to_dicom import write_series as write_dicom_series
+
 pytestmark = pytest.mark.slow
 
 SMALL_NET = ["--set", "image_size=64", "--set", "channels=[8,16,32]", "--set", "strides=[2,2]", "--set", "num_res_units=1"]
@@ -40,33 +42,10 @@ def ok(result):
 
 
 def write_series(volume: np.ndarray, folder: Path, spacing=(0.9, 0.8, 2.5), origin=(10.0, -20.0, 30.0)) -> None:
-    """A DICOM MR series of an (x, y, z) volume, one file per slice, names shuffled against slice order."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    folder.mkdir(parents=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    data = np.clip(volume / max(volume.max(), 1) * 4000, 0, 4000).astype(np.uint16)
-    order = np.random.default_rng(0).permutation(volume.shape[2])
-    for k in range(volume.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientName, ds.PatientID = "MR", "Test^Phantom", "TEST001"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.ReferringPhysicianName = "20260101", "120000", "", ""
-        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber, ds.PatientBirthDate, ds.PatientSex = "1", 1, k + 1, "", "O"
-        ds.Manufacturer = "test"
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * spacing[2]]
-        ds.PixelSpacing, ds.SliceThickness = [spacing[1], spacing[0]], spacing[2]
-        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = np.ascontiguousarray(data[:, :, k].T).tobytes()  # rows = y, columns = x
-        ds.save_as(folder / f"slice_{order[k]:03d}.dcm", enforce_file_format=True)
+    """A DICOM MR series of an (x, y, z) volume stored LPS (axial), names shuffled against slice order."""
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # LPS voxel axes in RAS
+    affine[:3, 3] = [-origin[0], -origin[1], origin[2]]
+    write_dicom_series(volume, affine, folder)
 
 
 def test_nifti_geometry_round_trips_exactly(trained, tmp_path):
@@ -121,7 +100,8 @@ def test_dicom_series_ordered_by_position_with_seg(trained, tmp_path):
 def test_one_slice_gives_the_same_mask_as_png_nifti_and_dicom(trained, tmp_path):
     grey = np.asarray(Image.open(SAMPLE_JPG).convert("L"), dtype=np.float32)  # (rows=y, cols=x)
     xy = grey.T
-    nib.save(nib.Nifti1Image(xy, np.eye(4)), tmp_path / "slice.nii")
+    # a slice as displayed is an axial slice stored LPS (x to the patient's left, y posterior)
+    nib.save(nib.Nifti1Image(xy, np.diag([-1.0, -1.0, 1.0, 1.0])), tmp_path / "slice.nii")
     write_series(xy[:, :, None], tmp_path / "dicom")
     ok(predict(trained, SAMPLE_JPG, tmp_path / "slice.nii", tmp_path / "dicom", "-o", tmp_path / "out"))
     from_png = np.asarray(Image.open(tmp_path / "out" / f"{SAMPLE_JPG.stem}_seg.png")).T

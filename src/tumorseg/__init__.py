@@ -7,11 +7,17 @@ Modules (imported on demand, so ``import tumorseg`` stays light):
 - ``tumorseg.handlers``: validation panels and the evaluation report (ignite handlers).
 - ``tumorseg.tracking``: MLflow tracking on top of MONAI's ``MLFlowHandler``.
 - ``tumorseg.runs``: the ``tumorseg-runs`` command, to list tracked runs.
+- ``tumorseg.reading``, ``tumorseg.predictor``, ``tumorseg.writing``, ``tumorseg.predict``: new
+  scans, read (canonical orientation), predicted and written (the ``tumorseg-predict`` command).
+- ``tumorseg.export``: the bundle exported for MONAI Label (``tumorseg-export``).
 """
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("files", "handlers", "inferers", "losses", "metrics", "runs", "tracking", "transforms", "visualize")
+_SUBMODULES = (
+    "bundle", "export", "files", "handlers", "inferers", "losses", "metrics", "predict", "predictor", "reading", "report",
+    "runs", "tracking", "transforms", "visualize", "writing",
+)  # fmt: skip
 
 
 def __getattr__(name: str):

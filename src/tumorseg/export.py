@@ -59,7 +59,9 @@ INFERENCE_IDS = (
     "infer",
     "workflow",
     "input_dir",
+    "found_files",
     "input_files",
+    "output_stems",
     "output_dir",
 )
 
@@ -99,7 +101,8 @@ def flattened_inference_config(bundle: Path = BUNDLE, overrides: dict | None = N
     config["inference"] = "@run"
     text = json.dumps(config).replace('"$import tumorseg"', '"$import scripts.tumorseg as tumorseg"')
     text = re.sub(r'"_target_": "tumorseg\.', '"_target_": "scripts.tumorseg.', text)
-    if re.search(r"(?<!scripts\.)(?<!as )tumorseg\b", text):
+    # expressions may use `tumorseg.` (imported as the scripts copy); targets and imports may not
+    if re.search(r'"_target_": "tumorseg\.|\$import tumorseg\b|from tumorseg\b', text):
         raise RuntimeError("the flattened inference config still refers to the installed tumorseg package")
     return json.loads(text)
 

@@ -7,6 +7,14 @@ import tempfile
 from pathlib import Path
 
 
+def show(path) -> str:
+    """A path or name as written in messages: unprintable characters escaped (``\\n``, ``\\x00``,
+    ``\\u2028``) and backslashes doubled, so that a message stays one line (a newline in a file
+    name cannot forge a second ``error:`` line) and names read back unambiguously."""
+    text = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 

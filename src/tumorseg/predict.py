@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from .bundle import BUNDLE
+from .files import show
 from .reading import NIFTI_SUFFIXES, SLICE_AXCODES, SLICE_SUFFIXES, InputError, is_dicom, read_case
 
 
@@ -62,16 +63,22 @@ def _stem(path: Path) -> str:
     return name
 
 
+def output_stem_map(paths: list[str]) -> dict[str, str]:
+    """``output_stems`` keyed by the path strings given (for the bundle's inference config)."""
+    return dict(zip(paths, output_stems([Path(p) for p in paths])))
+
+
 OUTPUT_SUFFIXES = ("_seg.png", "_seg.nii.gz", "_seg.dcm", "_overlay.png", ".json")
 
 
-def output_stems(cases: list[Path]) -> list[str]:
+def output_stems(cases: list[Path], taken: set[str] = frozenset()) -> list[str]:
     """One output stem (a relative path without suffix) per case, unique (also ignoring case, for
     case-insensitive file systems) and predictable: the file's stem (``scan`` for ``scan.nii.gz``);
     where stems clash, the suffix is kept (``scan.png`` -> ``scan_png``); where that still clashes
     (the same name in several folders), the smallest tail of the parent folders that tells them
     apart becomes subfolders (``A/s.jpg`` -> ``A/s``, ``B/s.jpg`` -> ``B/s``); anything left
-    (only contrived names) gets ``-2``, ``-3``... in input order."""
+    (only contrived names), or a stem one of whose outputs would be a path in ``taken`` (the
+    inputs, relative to the output folder), gets ``-2``, ``-3``... in input order."""
     resolved = [Path(p).resolve() for p in cases]
     if len(set(resolved)) != len(resolved):
         raise ValueError("the same case is listed twice")
@@ -100,11 +107,14 @@ def output_stems(cases: list[Path]) -> list[str]:
                     for i, t in zip(members, tails):
                         stems[i] = t
                     break
-    seen: dict[str, int] = {}
-    for i, s in enumerate(stems):
-        n = seen[key(s)] = seen.get(key(s), 0) + 1
-        if n > 1:
-            stems[i] = f"{s}-{n}"
+    used = {t.casefold() for t in taken}
+    for i, stem in enumerate(stems):
+        candidate, n = stem, 1
+        while any(key(candidate + suffix) in used for suffix in OUTPUT_SUFFIXES):
+            n += 1
+            candidate = f"{stem}-{n}"
+        stems[i] = candidate
+        used.update(key(candidate + suffix) for suffix in OUTPUT_SUFFIXES)
     return stems
 
 
@@ -121,6 +131,8 @@ def predict_case(
     from .writing import RADIOLOGICAL_LETTERS, OutputFolder, encode_outputs, overlay_png
 
     case = read_case(path)
+    if case.note:
+        print(f"note: {show(f'{path}: {case.note}')}", file=sys.stderr)
     stored = case.image[0].numpy()
     reference = (float(np.nanmin(stored)), float(np.nanmax(stored))) if stored.size else (0.0, 0.0)
     letters = None
@@ -183,6 +195,7 @@ def predict_case(
         "box_fit": predictor.box_fit,
         "keep_largest": keep_largest,
         "checkpoint": str(predictor.checkpoint),
+        "note": case.note,
     }
     files, summary = encode_outputs(case, mask, outputs, overlay_png(shown, shown_mask, Path(stem).name, letters), summary)
     folder.write(files)
@@ -232,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.set)
     cases, errors = find_cases(args.inputs)
     for line in errors:
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {show(line)}", file=sys.stderr)
     from tqdm import tqdm
 
     from .predictor import Predictor
@@ -244,17 +257,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = Predictor(args.bundle, args.checkpoint, overrides, tta=args.tta, box_fit=args.box_fit)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {show(e)}", file=sys.stderr)
         return 2
     protected = set(cases) | {f for c in cases if c.is_dir() for f in c.iterdir()}
     folder = OutputFolder(args.output, protected)
     failed = 0
-    for case, stem in tqdm(list(zip(cases, output_stems(cases))), unit="case", disable=args.no_progress or None):
+    root = args.output.resolve()
+    inside = {p.resolve().relative_to(root).as_posix() for p in protected if p.resolve().is_relative_to(root)}
+    for case, stem in tqdm(list(zip(cases, output_stems(cases, inside))), unit="case", disable=args.no_progress or None):
         try:
             predict_case(predictor, case, folder, axis=args.axis, keep_largest=args.keep_largest, stem=stem)
         except (InputError, OutputError) as e:
             failed += 1
-            tqdm.write(f"error: {e}", file=sys.stderr)
+            tqdm.write(f"error: {show(e)}", file=sys.stderr)
+        except Exception as e:  # anything else one case raises: its line, and the batch goes on
+            failed += 1
+            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            tqdm.write(f"error: {show(f'{case}: {e.__class__.__name__}: {detail}')}", file=sys.stderr)
     print(f"{len(cases) - failed} of {len(cases) + len(errors)} inputs predicted into {args.output}")
     return 1 if failed or errors else 0
 

@@ -58,6 +58,7 @@ class Case:
     image: object
     datasets: list = field(default_factory=list)  # DICOM: the source datasets in slice order
     nifti: object = None  # NIfTI: the nibabel image (its header is kept for the mask)
+    note: str | None = None  # something the user should know (e.g. which DICOM series was taken)
 
     @property
     def _orientation(self):  # one instance: MONAI inverts only the transform object that ran
@@ -115,18 +116,44 @@ def read_case(path: Path) -> Case:
     return read_dicom(path)
 
 
+def pil_grey(im):
+    """One grey channel of a PIL image as it is displayed: EXIF orientation applied, 16-bit and
+    float images kept at their depth (``"F"``; MONAI's ``ScaleIntensity`` rescales them), colour
+    and alpha dropped (``"L"``). The bundle's reader uses it as ``PILReader(converter=...)``."""
+    from PIL import ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    return im.convert("F") if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") else im.convert("L")
+
+
 def read_slice(path: Path):
-    """(x, y) float32 array of a PNG/JPG in grey, as MONAI's PILReader lays it out."""
+    """(x, y) float32 array of a PNG/JPG in grey (``pil_grey``), as MONAI's PILReader lays it out."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            grey = im.convert("F") if im.mode in ("I", "I;16", "F") else im.convert("L")
-            return np.asarray(grey, dtype=np.float32).T
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            return np.asarray(pil_grey(im), dtype=np.float32).T
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: unreadable image ({e.__class__.__name__}: {e})") from None
+
+
+def readable_slices(paths: list[str]) -> list[str]:
+    """The PNG/JPG files of ``paths`` that decode fully; for each other one an ``error:`` line on
+    stderr (the bundle's inference config predicts the rest instead of stopping at one)."""
+    import sys
+
+    from .files import show
+
+    good = []
+    for path in paths:
+        try:
+            read_slice(Path(path))
+            good.append(path)
+        except InputError as e:
+            print(f"error: {show(e)}", file=sys.stderr)
+    return good
 
 
 def read_nifti(path: Path) -> Case:
@@ -153,7 +180,13 @@ def read_nifti(path: Path) -> Case:
 
 def read_dicom(path: Path) -> Case:
     """A DICOM file or series folder: (x, y, z) float32 volume in slice order (by position along
-    the slice normal, not by file name) with its RAS affine (as ITK and MONAI define it)."""
+    the slice normal, not by file name) with its RAS affine (as ITK and MONAI define it).
+
+    A folder holding several series (``SeriesInstanceUID``) gives its series with the most slices
+    (a localiser or a second sequence is left out, and ``Case.note`` says which were). Refused with
+    a line naming the problem: slices of different sizes or orientations, a degenerate
+    ``ImageOrientationPatient``, several slices without ``ImagePositionPatient``, two slices at one
+    position, or uneven slice spacing (a slice missing)."""
     import numpy as np
     import pydicom
     import torch
@@ -170,16 +203,43 @@ def read_dicom(path: Path) -> Case:
         datasets.append(ds)
     if not datasets:
         raise InputError(f"{path}: no DICOM files")
-    orientation = datasets[0].get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])
-    row_dir = np.array(orientation[:3], dtype=float)
-    col_dir = np.array(orientation[3:], dtype=float)
+    series: dict[str, list] = {}
+    for ds in datasets:
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+    chosen = max(series, key=lambda uid: len(series[uid]))
+    note = None
+    if len(series) > 1:
+        left = ", ".join(f"{uid or '(none)'} ({len(v)} files)" for uid, v in series.items() if uid != chosen)
+        taken = f"{chosen or '(none)'} ({len(series[chosen])} files)"
+        note = f"{len(series)} series in the folder: predicted {taken}, left out {left}"
+    datasets = series[chosen]
+    try:
+        default = [1, 0, 0, 0, 1, 0]
+        orientations = {tuple(round(float(v), 4) for v in ds.get("ImageOrientationPatient", default)) for ds in datasets}
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: unreadable ImageOrientationPatient") from None
+    if len(orientations) != 1:
+        raise InputError(f"{path}: slices of {len(orientations)} different orientations in one series (a localiser?)")
+    orientation = np.array(next(iter(orientations)), dtype=float)
+    row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
+    if len(orientation) != 6 or not np.isfinite(orientation).all() or np.linalg.norm(normal) < 0.5:
+        raise InputError(f"{path}: degenerate ImageOrientationPatient {list(orientation)}")
+    if len(datasets) > 1 and any("ImagePositionPatient" not in ds for ds in datasets):
+        raise InputError(f"{path}: slices without ImagePositionPatient: their order and spacing are unknown")
     position = lambda ds: np.array(ds.get("ImagePositionPatient", [0, 0, 0]), dtype=float)  # noqa: E731
     datasets.sort(key=lambda ds: (float(position(ds) @ normal), int(ds.get("InstanceNumber", 0) or 0)))
     first = datasets[0]
     shapes = {ds.pixel_array.shape for ds in datasets}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise InputError(f"{path}: slices of different or multi-frame shapes {sorted(shapes)}")
+    if len(datasets) > 1:
+        gaps = np.diff([float(position(ds) @ normal) for ds in datasets])
+        if gaps.min() <= 1e-3:
+            raise InputError(f"{path}: two slices at one position (duplicates, or several acquisitions in one series)")
+        if gaps.max() - gaps.min() > 0.1 * gaps.mean():
+            spread = f"{gaps.min():.3g} to {gaps.max():.3g} mm"
+            raise InputError(f"{path}: uneven slice spacing ({spread}): a slice is missing, or the series is not one volume")
     volume = np.stack([_rescaled(ds).T for ds in datasets], axis=-1)  # (cols=x, rows=y, z)
     dy, dx = (float(v) for v in first.get("PixelSpacing", [1, 1]))
     if len(datasets) > 1:
@@ -190,7 +250,7 @@ def read_dicom(path: Path) -> Case:
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * dx, col_dir * dy, step, position(first)
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS (DICOM) -> RAS (NIfTI, MONAI)
     image = MetaTensor(torch.as_tensor(volume)[None], affine=torch.as_tensor(affine))
-    return Case(path, "dicom", image, datasets=datasets)
+    return Case(path, "dicom", image, datasets=datasets, note=note)
 
 
 def _rescaled(ds):
