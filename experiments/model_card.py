@@ -139,7 +139,7 @@ def main() -> None:
                 "--tracking_dir",
                 str(tracking_dir),
                 "--checkpoint",
-                f"default={BUNDLE / 'models' / 'model.pt'}",
+                f"negatives={BUNDLE / 'models' / 'model.pt'}",  # the shipped weights' recipe
             ],
             check=True,
         )
@@ -164,6 +164,16 @@ def main() -> None:
             ],
             check=True,
         )
+    # presence: healthy negatives built from the same download, then every presence setting
+    negatives = args.work_dir / "negatives"
+    subprocess.run([sys.executable, "-m", "data_tools.healthy", str(dataset_dir), str(negatives)], check=True, cwd=REPO)
+    presence_md = BUNDLE / "docs" / "presence.md"
+    subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "presence.py"), "--dataset_dir", str(negatives),
+         "--tracking_dir", str(tracking_dir), "--output", str(presence_md)],
+        check=True,
+    )  # fmt: skip
+    presence = json.loads(presence_md.with_suffix(".json").read_text())["default"]
     chosen = list(SETTINGS)[-1]
     best = summaries[chosen]
 
@@ -182,6 +192,9 @@ def main() -> None:
     eval_metrics = {f"valid_per_image_{k}": round(v["mean"], 4) for k, v in best["per_image"].items()}
     eval_metrics.update({f"valid_global_{k}": round(v, 4) for k, v in best["global"].items()})
     eval_metrics.update({f"valid_poster_{k}": round(v, 4) for k, v in best["poster"].items()})
+    eval_metrics["valid_slice_sensitivity"] = round(presence["valid_sensitivity"], 4)
+    eval_metrics["heldout_healthy_slice_specificity"] = round(presence["healthy_specificity"], 4)
+    eval_metrics["healthy_volume_max_false_positive_cm3"] = round(presence["fp_cm3_max"], 3)
     meta_path = BUNDLE / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
     meta["eval_metrics"] = eval_metrics

@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--tracking_dir", type=Path, default=REPO / "mlflow")
     ap.add_argument("--experiment", default="brain_tumor_mri_seg")
     ap.add_argument("--limit", type=int, default=0, help="only the first N slices of each list (a quick look)")
-    ap.add_argument("--output", type=Path, help="also write the table to this Markdown file")
+    ap.add_argument("--output", type=Path, help="also write the table to this Markdown file (and its rows beside, .json)")
     args = ap.parse_args()
 
     from monai.data import load_decathlon_datalist
@@ -162,7 +162,9 @@ def main() -> None:
     from tumorseg.predictor import Predictor
 
     start = time.time()
-    predictor = Predictor(BUNDLE, args.checkpoint, {"min_peak": 0.5, "min_run": 1})
+    defaults = Predictor(BUNDLE, args.checkpoint)  # the shipped settings: which row is the default
+    default = {"min_peak": defaults.gate.min_peak, "min_run": defaults.min_run}
+    predictor = Predictor(BUNDLE, args.checkpoint, {"min_peak": min(MIN_PEAKS), "min_run": 1})
     datalist = str(args.dataset_dir / "datalist.json")
     lists = {
         key: load_decathlon_datalist(datalist, data_list_key=key, base_dir=str(args.dataset_dir))
@@ -181,8 +183,11 @@ def main() -> None:
         f"{len(volumes)} healthy volumes; weights {args.checkpoint} (TTA and box fit on)",
     )
     print(text)
+    chosen = next(r for r in rows if r["min_peak"] == default["min_peak"] and r["min_run"] == default["min_run"])
+    print("default setting: " + ", ".join(f"{k} {v:.4g}" for k, v in chosen.items()))
     if args.output:
         args.output.write_text(text)
+        args.output.with_suffix(".json").write_text(json.dumps({"default": chosen, "rows": rows}, indent=1) + "\n")
 
     from mlflow.entities import Metric, Param
 

@@ -176,3 +176,24 @@ def test_an_output_that_is_a_file_is_refused(tmp_path):
     out.write_text("a file")
     refused(export_cli(out), str(out), "existing file")
     assert out.read_text() == "a file"
+
+
+def test_an_export_killed_at_any_moment_leaves_the_previous_one_whole(previous):
+    """SIGKILL at several moments of a re-export: the target is always one complete export
+    (the previous or the new one, the same content), never a mix or a partial one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    before = snapshot(previous)
+    for delay in (0.5, 1.5, 2.5, 3.5, 5.0):
+        proc = subprocess.Popen([sys.executable, "-m", "tumorseg.export", str(previous.parent)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert previous.is_dir(), f"killed after {delay} s: no export left"
+        assert snapshot(previous) == before, f"killed after {delay} s: the export changed"
