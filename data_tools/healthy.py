@@ -6,11 +6,12 @@ healthy MRI to be had offline:
 
 - ``mni_t1``, ``mni_gm``, ``mni_wm``, ``epi``, ``phantom`` (training): every axial slice holding
   brain (or phantom) of nilearn's MNI152 2009a template (T1 and its grey/white-matter maps, read
-  as other contrasts), of both frames of nibabel's real EPI series ``example4d`` and of its Philips
-  phantom EPI, each drawn ``--variants`` times (the tissue maps and the phantom: once) with random
-  framing (zoom out, shift), quarter turns (the Kaggle slices come in all four), a lower
-  acquisition resolution, a bias field, gamma, inversion (T2-like), noise, blur, and a bright ring
-  standing in for the skull.
+  as other contrasts), of both frames of nibabel's real EPI series ``example4d``, of its Philips
+  phantom EPI and of nilearn's sample statistical map, each drawn ``--variants`` times (the tissue
+  maps, the phantom and the map: once) with random framing (zoomed out or cropped), quarter turns
+  (the Kaggle slices come in all four), a coarser acquisition (smooth or blocky), a linear or
+  blotchy bias field, gamma, inversion (T2-like), noise, blur, and a bright ring standing in for
+  the skull.
 - ``synthetic`` (training): black, constant, gradient and noise images.
 - ``heldout_*`` (checking only, never trained on): nibabel's real T1 volumes (a crop at 2 mm and
   a Talairach-space head at 3 mm); see ``HELDOUT``.
@@ -66,6 +67,7 @@ TRAIN_VOLUMES = {  # source name: (path of the volume, frames of a 4D series, ra
     "mni_wm": (lambda: _nilearn_data() / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz", (0,), 1),
     "epi": (lambda: _nibabel_data() / "example4d.nii.gz", (0, 1), None),
     "phantom": (lambda: _nibabel_data() / "phantom_EPI_asc_CLEAR_2_1.PAR", (0,), 1),
+    "statmap": (lambda: _nilearn_data() / "image_10426.nii.gz", (0,), 1),  # a brain-shaped statistical map
 }
 HELDOUT = {  # never trained on: the check of generalisation to other scanners and contrasts
     "heldout_t1crop": lambda: _nibabel_data() / "anatomical.nii",
@@ -120,44 +122,57 @@ def brain_slices(volume: np.ndarray, min_fraction: float = 0.05) -> list[np.ndar
 
 
 def augment(slice_xy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One random view of a healthy slice: skull ring, framing, quarter turn, resolution, bias
-    field, contrast (gamma, inversion), noise, blur."""
+    """One random view of a healthy slice: skull ring, framing (zoomed out or a crop), quarter
+    turn, a coarser acquisition (smooth or blocky), a linear or blotchy bias field, contrast
+    (gamma, inversion), blur and noise."""
     from scipy import ndimage
 
     s = slice_xy.astype(np.float32)
-    head = ndimage.binary_fill_holes(s > 0.1)
     if rng.random() < 0.5:  # a skull: bright ring a few pixels outside the brain
         brain = ndimage.binary_fill_holes(s > 0.1)
         gap, width = rng.integers(1, 6), rng.integers(3, 9)
         outer = ndimage.binary_dilation(brain, iterations=int(gap + width))
         inner = ndimage.binary_dilation(brain, iterations=int(gap))
         s = np.where(outer & ~inner, rng.uniform(0.6, 1.0), s)
-    zoom_out = rng.uniform(1.0, 1.7)  # the head fills between 60 % and 100 % of the frame
-    pad = [(int(n * (zoom_out - 1) / 2),) * 2 for n in s.shape]
-    s = np.pad(s, pad)
-    shift = [int(rng.integers(-p[0] // 2 - 1, p[0] // 2 + 1)) for p in pad]
-    s = np.roll(s, shift, axis=(0, 1))
+    if rng.random() < 0.7:  # the head fills between 60 % and 100 % of the frame
+        zoom_out = rng.uniform(1.0, 1.7)
+        pad = [(int(n * (zoom_out - 1) / 2),) * 2 for n in s.shape]
+        s = np.pad(s, pad)
+        shift = [int(rng.integers(-p[0] // 2 - 1, p[0] // 2 + 1)) for p in pad]
+        s = np.roll(s, shift, axis=(0, 1))
+    else:  # a crop: part of the brain fills the frame
+        size = [max(8, int(n * rng.uniform(0.5, 0.9))) for n in s.shape]
+        start = [int(rng.integers(0, n - m + 1)) for n, m in zip(s.shape, size)]
+        s = s[start[0] : start[0] + size[0], start[1] : start[1] + size[1]]
     s = np.rot90(s, k=int(rng.integers(4)))
-    if rng.random() < 0.4:  # a coarser acquisition (2-4 mm voxels), seen at the network's size
-        factor = rng.uniform(1.5, 4.0)
-        small = _fit(s, max(16, int(max(s.shape) / factor)))
-        s = _fit(small)
+    if rng.random() < 0.5:  # a coarser acquisition (1.5-5 mm voxels), seen at the network's size
+        small = _fit(s, max(12, int(max(s.shape) / rng.uniform(1.5, 5.0))))
+        if rng.random() < 0.3:  # blocky, as nearest-neighbour viewers show it
+            reps = -(-SIZE // max(small.shape))
+            s = _fit(np.kron(small, np.ones((reps, reps), np.float32)))
+        else:
+            s = _fit(small)
     else:
         s = _fit(s)
     s = np.clip(s, 0, None)
-    if rng.random() < 0.3:  # a smooth bias field, as surface coils leave it
-        xs = np.linspace(-1, 1, s.shape[0])[:, None] * rng.uniform(-1, 1)
-        ys = np.linspace(-1, 1, s.shape[1])[None, :] * rng.uniform(-1, 1)
-        s = s * np.exp(0.5 * (xs + ys))
+    if rng.random() < 0.5:  # a bias field: linear (surface coils) or blotchy (EPI, poor shimming)
+        if rng.random() < 0.5:
+            xs = np.linspace(-1, 1, s.shape[0])[:, None] * rng.uniform(-1, 1)
+            ys = np.linspace(-1, 1, s.shape[1])[None, :] * rng.uniform(-1, 1)
+            field = xs + ys
+        else:
+            field = ndimage.gaussian_filter(rng.normal(size=s.shape), sigma=rng.uniform(8, 30))
+            field = field / (np.abs(field).max() + 1e-8) * rng.uniform(0.3, 1.0)
+        s = s * np.exp(0.7 * field)
     if rng.random() < 0.15:  # inverted contrast inside the head (fluid bright, as in T2)
-        inside = _fit(head.astype(np.float32)) > 0.5 if head.shape == slice_xy.shape else s > 0.05
-        s = np.where(inside & (s > 0.02), s.max() - s + 0.05, s)
+        inside = ndimage.binary_fill_holes(s > 0.05 * s.max())
+        s = np.where(inside, s.max() - s + 0.05, s)
     s = np.clip(s, 0, None)
     s = (s / s.max() if s.max() > 0 else s) ** rng.uniform(0.6, 1.6)
     if rng.random() < 0.3:
         s = ndimage.gaussian_filter(s, sigma=rng.uniform(0.5, 1.5))
-    if rng.random() < 0.5:
-        s = s + rng.normal(0, rng.uniform(0.005, 0.05), s.shape)
+    if rng.random() < 0.6:
+        s = s + rng.normal(0, rng.uniform(0.005, 0.1), s.shape)
     s = np.clip(s, 0, None)
     return s / s.max() if s.max() > 0 else s
 

@@ -7,7 +7,8 @@ and tags saying where and at which commit the run trained.
 
 Used for runs made on machines without MLflow (the recipe runs on the device GPU). A run whose
 checkpoint is given gets its SHA-256 as ``checkpoint_sha256``, so evaluate runs of that model
-nest under it in the UI (tumorseg.tracking). Re-importing the same folder adds nothing.
+nest under it in the UI (tumorseg.tracking), and the checkpoint as its MLflow model, registered
+as ``brain_tumor_mri_seg`` (as a tracked training run does). Re-importing the same folder adds nothing.
 """
 
 from __future__ import annotations
@@ -95,8 +96,16 @@ def main() -> None:
             )
         for f in ("recipe.json", "metrics.jsonl"):
             client.log_artifact(run.info.run_id, str(run_dir / f), "record")
-        if record["recipe"] in checkpoints:
-            client.log_artifact(run.info.run_id, checkpoints[record["recipe"]], "model")
+        if record["recipe"] in checkpoints:  # the shipped weights: an MLflow model, registered like a tracked run's
+            from monai.bundle import ConfigParser
+
+            from tumorseg.tracking import log_network
+
+            parser = ConfigParser()
+            parser.read_config([str(REPO / f) for f in record["config_files"]])
+            size = int(parser.get_parsed_content("image_size"))
+            log_network(client, run.info.run_id, parser.get_parsed_content("network_def"), checkpoints[record["recipe"]],
+                        "brain_tumor_mri_seg", [1, 1, size, size])  # fmt: skip
         client.set_terminated(
             run.info.run_id,
             "FINISHED" if record.get("completed") else "KILLED",

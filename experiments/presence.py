@@ -17,8 +17,9 @@ presence threshold ``min_peak`` in ``MIN_PEAKS`` and 3D rule ``min_run`` in ``MI
   slice came from): the false-positive volume in cm³, read through ``tumorseg-predict``'s path
   (canonical orientation, foreground skip).
 
-The network runs once per slice at ``min_peak`` = ``threshold``; a higher ``min_peak`` only
-clears slices whose peak probability is below it, and ``min_run`` only clears short runs of
+The network runs once per slice at the lowest ``min_peak`` (the box fit cuts its boxes at fixed
+levels, so its box does not depend on ``min_peak``); a higher ``min_peak`` only clears slices
+whose peak probability is below it, and ``min_run`` only clears short runs of
 flagged slices, so every setting is read from the same pass.
 """
 
@@ -35,7 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
-MIN_PEAKS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
+MIN_PEAKS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)
 MIN_RUNS = (1, 2, 3)
 
 

@@ -30,6 +30,8 @@ RECIPES = {  # name: override files, applied in order on train.yaml
     "dice_only": ["dice_only"],
     "restart": ["restart"],  # continues from the shipped weights: a schedule probe, not from scratch
     "negatives": ["restart", "negatives"],  # shipped weights fine-tuned with healthy negatives (data_tools/healthy.py)
+    "negatives_refine": ["restart", "negatives", "negatives_refine"],  # its second stage (--set init_weights=...)
+    "negatives_with_mirrors": ["restart", "negatives"],  # the first try: mirrored Kaggle slices trained on too
 }
 
 

@@ -36,7 +36,8 @@ def test_monai_label_infer_equals_the_bundle_inference(trained, tmp_path):
     text = (bundle / "configs" / "inference.json").read_text()
     # the package's TTA inferer and box fit come from the bundle's own copy, never the installed package
     assert "scripts.tumorseg.inferers.FlipTTAInferer" in text and "scripts.tumorseg.transforms.ExpectedDiceBoxd" in text
-    assert not re.search(r"(?<!scripts\.)(?<!as )tumorseg\b", text)
+    # expressions use `tumorseg.` only as the alias of that copy (`$import scripts.tumorseg as tumorseg`)
+    assert not re.search(r'"_target_": "tumorseg\.|\$import tumorseg\b', text) and "scripts.tumorseg as tumorseg" in text
 
     image = sorted((REPO / "data" / "brain-tumor-coco-sample" / "test").glob("*.jpg"))[0]
     studies.mkdir()

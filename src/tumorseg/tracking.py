@@ -274,31 +274,38 @@ class MLflowTracker(MLFlowHandler):
 
     def log_model(self) -> None:
         """Log the best checkpoint as an MLflow model and register it (a new version per run)."""
-        import copy
+        log_network(self.client, self.cur_run.info.run_id, self.model, self.checkpoint, self.registered_model_name,
+                    self.input_shape)  # fmt: skip
 
-        import mlflow
-        import monai
-        import numpy as np
-        import torch
 
-        run_id = self.cur_run.info.run_id
-        self.client.set_tag(run_id, "checkpoint_sha256", file_digest(self.checkpoint, None))
-        net = copy.deepcopy(self.model).cpu().eval()
-        net.load_state_dict(torch.load(self.checkpoint, map_location="cpu", weights_only=True))
-        example = np.zeros(self.input_shape or [1, 1, 64, 64], dtype=np.float32)
-        # the fluent API needs the global URI, which mlflow also puts into the environment (where
-        # MONAI's handler would read it): restore both afterwards, unset if they were unset
-        previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(self.client.tracking_uri)
-        try:
-            with mlflow.start_run(run_id=run_id):
-                mlflow.pytorch.log_model(
-                    net,
-                    name="model",
-                    input_example=example,
-                    registered_model_name=self.registered_model_name,
-                    # stated, not inferred: inference imports the model and takes long
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"],
-                )
-        finally:
-            mlflow.set_tracking_uri(previous_uri)
+def log_network(client, run_id: str, network, checkpoint, registered_model_name: str | None, input_shape=None) -> None:
+    """Log ``checkpoint`` loaded into a copy of ``network`` as the run's MLflow model
+    (``mlflow.pytorch``, with an input example) and register it as ``registered_model_name``;
+    tag the run with the checkpoint's SHA-256. Used by training runs and by imported runs."""
+    import copy
+
+    import mlflow
+    import monai
+    import numpy as np
+    import torch
+
+    client.set_tag(run_id, "checkpoint_sha256", file_digest(checkpoint, None))
+    net = copy.deepcopy(network).cpu().eval()
+    net.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    example = np.zeros(input_shape or [1, 1, 64, 64], dtype=np.float32)
+    # the fluent API needs the global URI, which mlflow also puts into the environment (where
+    # MONAI's handler would read it): restore both afterwards, unset if they were unset
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(
+                net,
+                name="model",
+                input_example=example,
+                registered_model_name=registered_model_name,
+                # stated, not inferred: inference imports the model and takes long
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"],
+            )
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
