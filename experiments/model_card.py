@@ -139,7 +139,7 @@ def main() -> None:
                 "--tracking_dir",
                 str(tracking_dir),
                 "--checkpoint",
-                f"negatives={BUNDLE / 'models' / 'model.pt'}",  # the shipped weights' recipe
+                f"negatives_refine={BUNDLE / 'models' / 'model.pt'}",  # the shipped weights' recipe
             ],
             check=True,
         )

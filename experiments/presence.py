@@ -19,8 +19,8 @@ presence threshold ``min_peak`` in ``MIN_PEAKS`` and 3D rule ``min_run`` in ``MI
 
 The network runs once per slice at the lowest ``min_peak`` (the box fit cuts its boxes at fixed
 levels, so its box does not depend on ``min_peak``); a higher ``min_peak`` only clears slices
-whose peak probability is below it, and ``min_run`` only clears short runs of
-flagged slices, so every setting is read from the same pass.
+whose peak probability is below it, and ``min_run`` only clears tumours spanning fewer
+slices (``tumorseg.predictor.drop_short_tumours``), so every setting is read from the same pass.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def slice_records(predictor, items: list[dict]) -> list[dict]:
 
 
 def volume_records(predictor, volumes: dict[str, Path]) -> dict[str, dict]:
-    """Per volume: per canonical axial slice, flagged area (voxels) and peak; voxel volume in mm³."""
+    """Per volume: the canonical mask at the lowest ``min_peak``, each axial slice's peak, the voxel volume in mm³."""
     from tumorseg.reading import read_case
 
     out = {}
@@ -103,17 +103,13 @@ def volume_records(predictor, volumes: dict[str, Path]) -> dict[str, dict]:
         stored = case.image[0].numpy()
         view = case.canonical()[0].numpy()
         mask, peaks = predictor.predict_volume(view, axis=-1, reference=(float(stored.min()), float(stored.max())))
-        out[name] = {
-            "areas": mask.reshape(-1, mask.shape[-1]).sum(0).tolist(),
-            "peaks": list(peaks),
-            "voxel_mm3": float(np.prod(case.spacing)),
-        }
-        print(f"{name}: {sum(out[name]['areas']) * out[name]['voxel_mm3'] / 1000:.2f} cm³ at min_peak 0.5", file=sys.stderr)
+        out[name] = {"mask": mask, "peaks": list(peaks), "voxel_mm3": float(np.prod(case.spacing))}
+        print(f"{name}: {mask.sum() * out[name]['voxel_mm3'] / 1000:.2f} cm³ at the lowest min_peak", file=sys.stderr)
     return out
 
 
 def table(slices_valid, slices_healthy, volumes) -> list[dict]:
-    from tumorseg.predictor import isolated_slices
+    from tumorseg.predictor import drop_short_tumours
 
     rows = []
     for min_peak in MIN_PEAKS:
@@ -130,10 +126,9 @@ def table(slices_valid, slices_healthy, volumes) -> list[dict]:
                 "healthy_specificity": float(specificity),
             }
             for name, v in volumes.items():
-                flagged = np.array([a > 0 and p >= min_peak for a, p in zip(v["areas"], v["peaks"])])
-                if min_run > 1:
-                    flagged &= ~isolated_slices(flagged, min_run)
-                row[f"fp_cm3.{name}"] = float(np.array(v["areas"])[flagged].sum() * v["voxel_mm3"] / 1000)
+                kept = v["mask"] & (np.array(v["peaks"]) >= min_peak)  # slices below min_peak cleared
+                kept = drop_short_tumours(kept, min_run)
+                row[f"fp_cm3.{name}"] = float(kept.sum() * v["voxel_mm3"] / 1000)
             row["fp_cm3_max"] = max(row[k] for k in row if k.startswith("fp_cm3."))
             rows.append(row)
     return rows
@@ -219,7 +214,8 @@ def main() -> None:
     }
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_text(run.info.run_id, text, "presence.md")
-    client.log_text(run.info.run_id, json.dumps({"rows": rows, "volumes": volumes}, indent=1), "presence.json")
+    peaks = {name: v["peaks"] for name, v in volumes.items()}
+    client.log_text(run.info.run_id, json.dumps({"rows": rows, "volume_peaks": peaks}, indent=1), "presence.json")
     client.set_terminated(run.info.run_id)
     print(f"MLflow run presence_{args.name}: {run.info.run_id}")
 

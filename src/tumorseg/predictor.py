@@ -35,23 +35,24 @@ def load_weights(network, checkpoint: Path, device) -> None:
         raise InputError(f"{checkpoint}: weights of another network ({first})") from None
 
 
-def isolated_slices(flags: np.ndarray, min_run: int) -> np.ndarray:
-    """Boolean mask of the flagged slices that lie in a run of fewer than ``min_run``
-    consecutive flagged slices (a tumour is a 3D object: it shows on neighbouring slices)."""
-    flags = np.asarray(flags, dtype=bool)
-    out = np.zeros_like(flags)
-    k = 0
-    while k < len(flags):
-        if flags[k]:
-            end = k
-            while end < len(flags) and flags[end]:
-                end += 1
-            if end - k < min_run:
-                out[k:end] = True
-            k = end
-        else:
-            k += 1
-    return out
+def drop_short_tumours(mask, min_run: int):
+    """``mask`` (x, y, slices) without the tumours that span fewer than ``min_run`` slices.
+
+    A tumour is a 3D object: it shows on neighbouring slices, at the same place. A connected
+    region of the stacked slice masks (``scipy.ndimage.label``, face connectivity: in-plane
+    overlap from one slice to the next) that touches fewer than ``min_run`` slices is a lone
+    flagged slice or a box that jumps around, and is cleared."""
+    import numpy as np
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if min_run <= 1 or not mask.any():
+        return mask
+    labels, n = ndimage.label(mask)
+    keep = np.zeros(n + 1, dtype=bool)
+    for index, region in enumerate(ndimage.find_objects(labels), start=1):
+        keep[index] = region[-1].stop - region[-1].start >= min_run
+    return keep[labels]
 
 
 class Predictor:
@@ -129,7 +130,8 @@ class Predictor:
         """Mask and per-slice peak probabilities of a 2D slice, or of a 3D volume slice by slice
         along ``axis``. Slices with too little foreground (relative to ``reference``, the case's
         intensity range; default the volume's) are not run through the network; in a volume,
-        flagged slices in runs shorter than ``min_run`` are cleared (config ``min_run``)."""
+        tumours spanning fewer than ``min_run`` slices are cleared (config ``min_run``,
+        :func:`drop_short_tumours`)."""
         volume = np.asarray(volume, dtype=np.float32)
         if not np.isfinite(volume).all():
             raise InputError("contains NaN or infinite values")
@@ -139,10 +141,8 @@ class Predictor:
             return masks[0], peaks
         moved = np.moveaxis(volume, axis, -1)
         masks, peaks = self.predict_slices([moved[..., k] for k in range(moved.shape[-1])], (lo, hi))
-        if self.min_run > 1:
-            for k in np.flatnonzero(isolated_slices([m.any() for m in masks], self.min_run)):
-                masks[k] = np.zeros_like(masks[k])
-        return np.moveaxis(np.stack(masks, axis=-1), -1, axis), peaks
+        stacked = drop_short_tumours(np.stack(masks, axis=-1), self.min_run)
+        return np.moveaxis(stacked, -1, axis), peaks
 
     def predict_slices(self, slices: list[np.ndarray], reference: tuple[float, float]):
         """Masks and peaks of (x, y) slices of one shape; skipped slices: empty mask, peak 0."""
