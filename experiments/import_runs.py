@@ -101,8 +101,10 @@ def main() -> None:
 
             from tumorseg.tracking import log_network
 
+            from recipes import config_files
+
             parser = ConfigParser()
-            parser.read_config([str(REPO / f) for f in record["config_files"]])
+            parser.read_config([str(REPO / f) for f in config_files(record["recipe"])])
             size = int(parser.get_parsed_content("image_size"))
             log_network(client, run.info.run_id, parser.get_parsed_content("network_def"), checkpoints[record["recipe"]],
                         "brain_tumor_mri_seg", [1, 1, size, size])  # fmt: skip

@@ -37,8 +37,23 @@ def test_recipe_runs_import_into_mlflow_with_params_curves_and_the_shipped_check
     from tumorseg.tracking import file_digest
 
     assert default.data.tags["checkpoint_sha256"] == file_digest(weights, None)  # evaluate runs of it nest here
-    artifacts = {a.path for a in client.list_artifacts(default.info.run_id, "model")}
-    assert artifacts == {"model/model.pt"}
+    # the shipped weights as the run's MLflow model, registered
+    versions = client.search_model_versions("name = 'brain_tumor_mri_seg'")
+    assert [v.run_id for v in versions] == [default.info.run_id]
+    import torch
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns.db")
+    try:
+        loaded = mlflow.pytorch.load_model(f"models:/brain_tumor_mri_seg/{versions[0].version}")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    from tumorseg.predictor import Predictor
+
+    bundle_net = Predictor(checkpoint=weights).network.cpu()
+    x = torch.rand(2, 1, 256, 256)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x[:1]), bundle_net(x[:1]), atol=1e-5)  # the same weights as the bundle
 
 
 def test_postprocessing_table_is_one_mlflow_run_nested_under_the_weights_training_run(converted_sample, tmp_path):
