@@ -98,10 +98,9 @@ def main() -> None:
             client.log_artifact(run.info.run_id, str(run_dir / f), "record")
         if record["recipe"] in checkpoints:  # the shipped weights: an MLflow model, registered like a tracked run's
             from monai.bundle import ConfigParser
+            from recipes import config_files
 
             from tumorseg.tracking import log_network
-
-            from recipes import config_files
 
             parser = ConfigParser()
             parser.read_config([str(REPO / f) for f in config_files(record["recipe"])])
