@@ -173,10 +173,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         volumes = volume_records(predictor, healthy_volumes(Path(tmp)))
     rows = table(valid, healthy, volumes)
+    weights = args.checkpoint.resolve()
+    shown = weights.relative_to(REPO) if weights.is_relative_to(REPO) else weights
     text = markdown(
         rows,
         f"Presence on `valid` ({len(valid)} tumour slices), {len(healthy)} held-out healthy slices and "
-        f"{len(volumes)} healthy volumes; weights {args.checkpoint} (TTA and box fit on)",
+        f"{len(volumes)} healthy volumes; weights {shown} (TTA and box fit on)",
     )
     print(text)
     chosen = next(r for r in rows if r["min_peak"] == default["min_peak"] and r["min_run"] == default["min_run"])

@@ -42,12 +42,11 @@ def test_recipe_runs_import_into_mlflow_with_params_curves_and_the_shipped_check
     assert [v.run_id for v in versions] == [default.info.run_id]
     import torch
 
-    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns.db")
     try:
         loaded = mlflow.pytorch.load_model(f"models:/brain_tumor_mri_seg/{versions[0].version}")
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(None)  # it also sets MLFLOW_TRACKING_URI, which later subprocesses would inherit
     from tumorseg.predictor import Predictor
 
     bundle_net = Predictor(checkpoint=weights).network.cpu()

@@ -111,7 +111,7 @@ def test_images_without_anatomy_get_nothing(tmp_path):
     nib.save(nib.Nifti1Image(np.full((64, 64, 20), 7.0, np.float32), np.eye(4)), folder / "constant.nii.gz")
     nib.save(nib.Nifti1Image(rng.random((96, 96, 20)).astype(np.float32), np.eye(4)), folder / "noise.nii.gz")
     predict(folder, "-o", tmp_path / "out")
-    summaries = list((tmp_path / "out").glob("*.json"))
+    summaries = [p for p in (tmp_path / "out").glob("*.json") if p.name != ".tumorseg-predict.json"]
     assert len(summaries) == 7
     for path in summaries:
         assert json.loads(path.read_text())["tumour_pixels"] == 0, path.name
@@ -129,10 +129,12 @@ def test_overlay_shows_axial_slices_with_orientation_letters(tumour_volume, tmp_
 def test_axis_override_slices_as_stored(tumour_volume, tmp_path):
     path, _ = tumour_volume
     img = nib.load(path)
-    nib.save(img.as_reoriented(np.array([[2, 1], [0, 1], [1, 1]])), tmp_path / "zxy.nii.gz")
-    predict(tmp_path / "zxy.nii.gz", "-o", tmp_path / "out", extra=["--axis", "0"])
-    summary = json.loads((tmp_path / "out" / "zxy.json").read_text())
-    assert summary["slicing"] == "voxel axis 0 as stored"
+    stored = img.as_reoriented(np.array([[2, 1], [0, 1], [1, 1]]))  # x, y, z stored as y, z, x
+    assert stored.shape == (640, 5, 640)
+    nib.save(stored, tmp_path / "yzx.nii.gz")
+    predict(tmp_path / "yzx.nii.gz", "-o", tmp_path / "out", extra=["--axis", "1"])
+    summary = json.loads((tmp_path / "out" / "yzx.json").read_text())
+    assert summary["slicing"] == "voxel axis 1 as stored"
     assert summary["tumour_pixels"] > 1000  # the same five slices, reached through the override
 
 

@@ -48,3 +48,17 @@ def test_tumours_shorter_than_min_run_slices_are_dropped():
     assert kept[2:6, 2:6, 1:4].all() and kept.sum() == 4 * 4 * 3
     assert np.array_equal(drop_short_tumours(mask, 1), mask)
     assert not drop_short_tumours(mask, 4).any()
+
+
+def test_a_long_run_of_flagged_slices_is_kept_even_where_boxes_shift():
+    """Unrelated tumour slices stacked into a volume (or a box that moves from slice to slice):
+    every slice flagged, no overlap; kept, so a stack and its slices give the same masks."""
+    mask = np.zeros((20, 20, 5), bool)
+    for k in range(5):
+        mask[4 * k : 4 * k + 3, 4 * k : 4 * k + 3, k] = True
+    assert np.array_equal(drop_short_tumours(mask, 2), mask)
+    two = np.zeros((20, 20, 6), bool)  # two flagged neighbours that do not overlap: cleared
+    two[0:3, 0:3, 2] = two[10:13, 10:13, 3] = True
+    assert not drop_short_tumours(two, 2).any()
+    single = mask[..., :1]  # one slice: no 3D context
+    assert np.array_equal(drop_short_tumours(single, 2), single)
