@@ -249,7 +249,8 @@ def test_bundle_inference_goes_on_past_a_corrupt_slice_and_keeps_names_apart(tra
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "broken.jpg" in lines[0]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_jpg_seg.png", "a_png_seg.png", "deep_seg.png"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != ".tumorseg-predict.json")
+    assert written == ["a_jpg_seg.png", "a_png_seg.png", "deep_seg.png"]
     # the 16-bit copy is read at its depth: the same mask as its 8-bit original
     (tmp_path / "in8").mkdir()
     Image.open(GOOD_JPG).convert("L").save(tmp_path / "in8" / "a.png")
@@ -261,3 +262,19 @@ def test_bundle_inference_goes_on_past_a_corrupt_slice_and_keeps_names_apart(tra
     m16 = np.asarray(Image.open(tmp_path / "out" / "deep_seg.png"))
     m8 = np.asarray(Image.open(tmp_path / "out8" / "a_seg.png"))
     assert (m16 == m8).mean() > 0.999
+
+
+def test_bundle_inference_never_overwrites_what_it_did_not_write(trained, tmp_path):
+    images, out = tmp_path / "in", tmp_path / "out"
+    images.mkdir()
+    out.mkdir()
+    Image.open(GOOD_JPG).convert("L").save(images / "a.png")
+    (out / "a_seg.png").write_bytes(b"somebody's file")
+    command = ["-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIGS / "inference.yaml"),
+               "--dataset_dir", str(images), "--ckpt_dir", str(trained / "models"), "--output_dir", str(out), *QUICK]  # fmt: skip
+    refused = run_cli(*command)
+    assert refused.returncode == 1 and (out / "a_seg.png").read_bytes() == b"somebody's file"
+    assert [line for line in refused.stderr.splitlines() if line.startswith("error:")][0].endswith("not overwritten")
+    (out / "a_seg.png").unlink()
+    check(run_cli(*command))
+    check(run_cli(*command))  # its own output, recorded: a re-run replaces it

@@ -62,6 +62,7 @@ INFERENCE_IDS = (
     "found_files",
     "input_files",
     "output_stems",
+    "output_files",
     "output_dir",
 )
 

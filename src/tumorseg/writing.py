@@ -96,8 +96,9 @@ class OutputError(Exception):
 
 
 class OutputFolder:
-    """The output folder of ``tumorseg-predict``: writes a case's files only where that overwrites
-    nothing the command did not create, and records what it wrote.
+    """The output folder of ``tumorseg-predict`` (and of the bundle's inference config): writes a
+    case's files only where that overwrites nothing the command did not create, and records what
+    it wrote.
 
     ``.tumorseg-predict.json`` in the folder lists every file written (relative path -> SHA-256).
     A file may be replaced only if it is listed there with its current content (a re-run, or a
@@ -128,6 +129,31 @@ class OutputFolder:
             rel = path.relative_to(self.root).as_posix()
             if not path.is_file() or path.is_symlink() or self.written.get(rel) != self._digest(path):
                 raise OutputError(f"{path}: exists and was not written by tumorseg-predict; not overwritten")
+
+    def claim(self, paths: list) -> None:
+        """Before a writer that is not ours (the bundle's ``SaveImaged``) runs: one ``error:`` line
+        per path it must not overwrite, then exit status 1 with nothing written."""
+        import sys
+
+        from .files import show
+
+        refused = []
+        for path in map(Path, paths):
+            try:
+                self._check(path)
+            except OutputError as e:
+                refused.append(e)
+        for e in refused:
+            print(f"error: {show(e)}", file=sys.stderr)
+        if refused:
+            raise SystemExit(1)
+
+    def record(self, paths: list) -> None:
+        """Record files another writer made for this command, so that a re-run may replace them."""
+        for path in map(Path, paths):
+            if path.is_file():
+                self.written[path.relative_to(self.root).as_posix()] = self._digest(path)
+        write_atomic(self.root / self.MANIFEST, (json.dumps(self.written, indent=0, sort_keys=True) + "\n").encode())
 
     def write(self, files: dict[Path, bytes]) -> None:
         for path in files:
