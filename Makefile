@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make demo   set up, then convert the embedded sample, train a few epochs, evaluate, all in MLflow
+#   make demo   set up, then the shipped model on the embedded sample (Dice, overlays, a healthy
+#               volume), and the smoke run: convert, train a few epochs, evaluate, all in MLflow
 #   make test   set up, then run the test suite
 # Everything runs from the repository root, inside .venv.
 
@@ -29,11 +30,23 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
 	touch $@
 
+# 1. the shipped model at work: evaluated on the sample's held-out slices (Dice printed), masks and
+#    overlays of those slices and of a real healthy volume; 2. the pipeline's smoke run: convert,
+#    train a few epochs, evaluate; everything tracked in MLflow.
+SHIPPED_EVAL := "['$(BUNDLE)/configs/train.yaml','$(BUNDLE)/configs/evaluate.yaml']"
+HEALTHY_VOLUME = $(shell $(BIN)/python -c "from nibabel.testing import data_path; print(data_path)")/anatomical.nii
 demo: setup
 	$(BIN)/python -m data_tools $(DATA) $(RUN)/dataset
+	$(BIN)/python -m monai.bundle run --config_file $(SHIPPED_EVAL) --dataset_dir $(RUN)/dataset --eval_list $(EVAL_LIST) \
+	    --output_dir $(RUN)/shipped --tracking configs/mlflow.json --tracking_dir $(TRACKING_DIR)
+	$(BIN)/python -c "import json; s = json.load(open('$(RUN)/shipped/evaluate_$(EVAL_LIST)/summary.json')); \
+	    print(f'shipped model on the sample\'s $(EVAL_LIST) slices: per-image Dice {s[\"per_image\"][\"dice\"][\"mean\"]:.3f} over {s[\"images\"]} slices')"
+	$(BIN)/tumorseg-predict $(DATA)/$(EVAL_LIST) $(HEALTHY_VOLUME) --output $(RUN)/predictions --no-progress
 	$(BIN)/python -m monai.bundle run training --config_file $(TRAIN_CONFIGS) $(RUN_ARGS)
 	$(BIN)/python -m monai.bundle run --config_file $(EVAL_CONFIGS) $(RUN_ARGS) --eval_list $(EVAL_LIST)
-	$(BIN)/tumorseg-runs --tracking-dir $(TRACKING_DIR) --last 2
+	$(BIN)/tumorseg-runs --tracking-dir $(TRACKING_DIR) --last 3
+	@echo "look at: $(RUN)/predictions/*_overlay.png (masks and overlays of the shipped model; anatomical_overlay.png: a healthy volume),"
+	@echo "         $(RUN)/shipped/evaluate_$(EVAL_LIST)/report.html, and the runs above in 'make mlflow-ui' (http://127.0.0.1:5000)"
 
 test: setup
 	$(BIN)/python -m pytest -q
