@@ -165,15 +165,11 @@ def main() -> None:
 
     from mlflow.entities import Metric, Param
 
-    from tumorseg.tracking import file_digest, open_store, training_run_id
+    from tumorseg.tracking import run_of_weights
 
-    client, experiment_id = open_store(args.tracking_dir, args.experiment)
-    digest = file_digest(args.checkpoint, None)
-    tags = {"workflow": "postprocessing", "bundle": "brain_tumor_mri_seg", "checkpoint_sha256": digest}
-    parent = training_run_id(client, experiment_id, digest)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run = client.create_run(experiment_id, tags=tags, run_name=f"postprocessing_{args.split}")
+    client, run = run_of_weights(
+        args.tracking_dir, args.experiment, args.checkpoint, "postprocessing", f"postprocessing_{args.split}"
+    )
     params = {
         "split": args.split,
         "slices": len(labels),

@@ -189,15 +189,9 @@ def main() -> None:
 
     from mlflow.entities import Metric, Param
 
-    from tumorseg.tracking import file_digest, open_store, training_run_id
+    from tumorseg.tracking import run_of_weights
 
-    client, experiment_id = open_store(args.tracking_dir, args.experiment)
-    digest = file_digest(args.checkpoint, None)
-    tags = {"workflow": "presence", "bundle": "brain_tumor_mri_seg", "checkpoint_sha256": digest}
-    parent = training_run_id(client, experiment_id, digest)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run = client.create_run(experiment_id, tags=tags, run_name=f"presence_{args.name}")
+    client, run = run_of_weights(args.tracking_dir, args.experiment, args.checkpoint, "presence", f"presence_{args.name}")
     now = int(time.time() * 1000)
     metrics = [
         Metric(f"{k}.min_peak_{r['min_peak']}.min_run_{r['min_run']}".replace("0.", "0_"), float(v), now, 0)

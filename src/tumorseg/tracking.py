@@ -81,9 +81,10 @@ def flatten_config(config: dict) -> dict[str, str]:
 def environment_params(device=None) -> dict[str, str]:
     """Code and machine a run ran on: package versions, git commit, device, threads, world size."""
     import ignite
-    import mlflow
     import monai
     import torch
+
+    import mlflow
 
     from . import __version__ as tumorseg_version
 
@@ -134,8 +135,9 @@ def store_lock(tracking_uri: str | None = None):
 def open_store(tracking_dir: str | Path, experiment: str = "brain_tumor_mri_seg"):
     """``(MlflowClient, experiment_id)`` of the store ``<tracking_dir>/mlruns.db``, creating the
     experiment with its artifacts beside the store (as ``configs/mlflow.json`` does)."""
-    import mlflow
     from monai.utils import path_to_sqlite_uri
+
+    import mlflow
 
     root = Path(tracking_dir).resolve()
     uri = path_to_sqlite_uri(str(root / "mlruns.db"))
@@ -146,6 +148,19 @@ def open_store(tracking_dir: str | Path, experiment: str = "brain_tumor_mri_seg"
             found.experiment_id if found else client.create_experiment(experiment, artifact_location=(root / "mlruns").as_uri())
         )
     return client, experiment_id
+
+
+def run_of_weights(tracking_dir, experiment: str, checkpoint, workflow: str, run_name: str):
+    """``(client, run)``: a new run in the store of ``tracking_dir`` about one set of weights
+    (an analysis such as the post-processing table or the presence check), tagged with the
+    weights' SHA-256 and nested under the training run that produced them, where there is one."""
+    client, experiment_id = open_store(tracking_dir, experiment)
+    digest = file_digest(checkpoint, None)
+    tags = {"workflow": workflow, "bundle": "brain_tumor_mri_seg", "checkpoint_sha256": digest}
+    parent = training_run_id(client, experiment_id, digest)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return client, client.create_run(experiment_id, tags=tags, run_name=run_name)
 
 
 def training_run_id(client, experiment_id: str, digest: str) -> str | None:
@@ -284,10 +299,11 @@ def log_network(client, run_id: str, network, checkpoint, registered_model_name:
     tag the run with the checkpoint's SHA-256. Used by training runs and by imported runs."""
     import copy
 
-    import mlflow
     import monai
     import numpy as np
     import torch
+
+    import mlflow
 
     client.set_tag(run_id, "checkpoint_sha256", file_digest(checkpoint, None))
     net = copy.deepcopy(network).cpu().eval()
