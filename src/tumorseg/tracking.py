@@ -81,10 +81,9 @@ def flatten_config(config: dict) -> dict[str, str]:
 def environment_params(device=None) -> dict[str, str]:
     """Code and machine a run ran on: package versions, git commit, device, threads, world size."""
     import ignite
+    import mlflow
     import monai
     import torch
-
-    import mlflow
 
     from . import __version__ as tumorseg_version
 
@@ -135,9 +134,8 @@ def store_lock(tracking_uri: str | None = None):
 def open_store(tracking_dir: str | Path, experiment: str = "brain_tumor_mri_seg"):
     """``(MlflowClient, experiment_id)`` of the store ``<tracking_dir>/mlruns.db``, creating the
     experiment with its artifacts beside the store (as ``configs/mlflow.json`` does)."""
-    from monai.utils import path_to_sqlite_uri
-
     import mlflow
+    from monai.utils import path_to_sqlite_uri
 
     root = Path(tracking_dir).resolve()
     uri = path_to_sqlite_uri(str(root / "mlruns.db"))
@@ -299,11 +297,10 @@ def log_network(client, run_id: str, network, checkpoint, registered_model_name:
     tag the run with the checkpoint's SHA-256. Used by training runs and by imported runs."""
     import copy
 
+    import mlflow
     import monai
     import numpy as np
     import torch
-
-    import mlflow
 
     client.set_tag(run_id, "checkpoint_sha256", file_digest(checkpoint, None))
     net = copy.deepcopy(network).cpu().eval()
