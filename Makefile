@@ -13,9 +13,9 @@ RUN    ?= runs/demo
 SETTINGS ?= configs/demo.yaml
 EVAL_LIST ?= test
 TRACKING_DIR ?= mlflow
-TRAIN_CONFIGS := "['$(BUNDLE)/configs/train.yaml','$(SETTINGS)']"
-EVAL_CONFIGS  := "['$(BUNDLE)/configs/train.yaml','$(SETTINGS)','$(BUNDLE)/configs/evaluate.yaml']"
-RUN_ARGS := --dataset_dir $(RUN)/dataset --ckpt_dir $(RUN)/models --output_dir $(RUN)/eval \
+TRAIN_CONFIGS := "['$(BUNDLE)/configs/common.yaml','$(BUNDLE)/configs/train.yaml','$(SETTINGS)']"
+EVAL_CONFIGS  := "['$(BUNDLE)/configs/common.yaml','$(BUNDLE)/configs/train.yaml','$(SETTINGS)','$(BUNDLE)/configs/evaluate.yaml']"
+RUN_ARGS := --bundle_root $(BUNDLE) --dataset_dir $(RUN)/dataset --ckpt_dir $(RUN)/models --output_dir $(RUN)/eval \
             --tracking configs/mlflow.json --tracking_dir $(TRACKING_DIR)
 
 .PHONY: setup demo test lint mlflow-ui clean monailabel-venv monailabel-app monailabel-serve model-card
@@ -33,11 +33,11 @@ $(VENV)/.installed: pyproject.toml
 # 1. the shipped model at work: evaluated on the sample's held-out slices (Dice printed), masks and
 #    overlays of those slices and of a real healthy volume; 2. the pipeline's smoke run: convert,
 #    train a few epochs, evaluate; everything tracked in MLflow.
-SHIPPED_EVAL := "['$(BUNDLE)/configs/train.yaml','$(BUNDLE)/configs/evaluate.yaml']"
+SHIPPED_EVAL := "['$(BUNDLE)/configs/common.yaml','$(BUNDLE)/configs/train.yaml','$(BUNDLE)/configs/evaluate.yaml']"
 HEALTHY_VOLUME = $(shell $(BIN)/python -c "from nibabel.testing import data_path; print(data_path)")/anatomical.nii
 demo: setup
 	$(BIN)/python -m data_tools $(DATA) $(RUN)/dataset
-	$(BIN)/python -m monai.bundle run --config_file $(SHIPPED_EVAL) --dataset_dir $(RUN)/dataset --eval_list $(EVAL_LIST) \
+	$(BIN)/python -m monai.bundle run --config_file $(SHIPPED_EVAL) --bundle_root $(BUNDLE) --dataset_dir $(RUN)/dataset --eval_list $(EVAL_LIST) \
 	    --output_dir $(RUN)/shipped --tracking configs/mlflow.json --tracking_dir $(TRACKING_DIR)
 	$(BIN)/python -c "import json; s = json.load(open('$(RUN)/shipped/evaluate_$(EVAL_LIST)/summary.json')); \
 	    print(f'shipped model on the sample\'s $(EVAL_LIST) slices: per-image Dice {s[\"per_image\"][\"dice\"][\"mean\"]:.3f} over {s[\"images\"]} slices')"
@@ -80,8 +80,9 @@ $(ML_VENV)/.installed:
 	$(ML_VENV)/bin/pip install -q --disable-pip-version-check monai==1.6.1 uvicorn fastapi pydantic pydantic-settings \
 	    python-dotenv python-multipart pyjwt passlib requests requests-toolbelt cachetools schedule timeloop watchdog \
 	    expiring_dict google-auth "dicomweb-client==0.59.3" "pydicom==2.4.4" SimpleITK "jsonschema<4" itk-io pynrrd \
-	    girder-client psutil nibabel scikit-image shapely pillow || true  # pip reports monailabel's unmet pins, as expected
-	$(ML_VENV)/bin/python -c "import monailabel, monai, torch; print('monailabel', monailabel.__version__, 'torch', torch.__version__)"
+	    girder-client psutil nibabel scikit-image shapely pillow pyyaml pytorch-ignite==0.5.5 tqdm \
+	    || true  # pip reports monailabel's unmet pins, as expected; pyyaml, ignite, tqdm: the bundle's YAML configs and training
+	$(ML_VENV)/bin/python -c "import monailabel, monai, torch, yaml, ignite; print('monailabel', monailabel.__version__, 'torch', torch.__version__)"
 	touch $@
 
 # Export the bundle (configs, weights, docs, scripts/) into the MONAI Label app, then serve it.

@@ -34,7 +34,7 @@ def start_export(command: str, network_file: Path, weights: Path, image_size: in
         "--meta_file",
         str(configs / "metadata.json"),
         "--config_file",
-        str(configs / "train.yaml"),
+        str([str(configs / "common.yaml"), str(configs / "train.yaml")]),
         "--key_in_ckpt",
         "",
         # the dummy input the exporter traces with; ONNX keeps this shape fixed

@@ -26,7 +26,7 @@ def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: 
 
     from tumorseg.predictor import Predictor
 
-    predictor = Predictor(checkpoint=checkpoint, overrides={"image_size": image_size})
+    predictor = Predictor.from_bundle(checkpoint=checkpoint, overrides={"image_size": image_size})
     device, network, configured = predictor.device, predictor.network, predictor.inferer
     window = getattr(configured, "inferer", configured)  # the SlidingWindowInferer inside FlipTTAInferer
     slice_ = torch.rand(1, 1, image_size, image_size, device=device)
@@ -96,7 +96,7 @@ def main() -> None:
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads: {torch.get_num_threads()}")
     print(f"{'case':34s} {'TTA':>4s} {'seconds':>9s}")
     for tta in (False, True):
-        predictor = Predictor(checkpoint=args.checkpoint, tta=tta)
+        predictor = Predictor.from_bundle(checkpoint=args.checkpoint, tta=tta)
         t = seconds_per_call(
             lambda predictor=predictor: predictor.predict_volume(slice_), predictor.device, warmup=1, min_calls=args.repeat
         )

@@ -33,10 +33,9 @@ def dataset_or_sample(dataset_dir: Path | None, tmp: Path) -> Path:
 
 def train_parser(dataset_dir: Path, max_epochs: int, out: Path, overrides: dict):
     """train.yaml with validation off and every file it writes kept under ``out``."""
-    from monai.bundle import ConfigParser
+    from tumorseg.bundle import parser as bundle_parser
 
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
+    parser = bundle_parser("train", BUNDLE)
     parser.update(
         {
             "dataset_dir": str(dataset_dir),

@@ -39,7 +39,9 @@ POSTER = {"dice": 0.75, "poster_mean_iou": 0.98}
 
 
 def evaluate(dataset_dir: Path, out: Path, tta: bool, box_fit: bool, tracking_dir: Path) -> dict:
-    configs = [str(BUNDLE / "configs" / f) for f in ("train.yaml", "evaluate.yaml")]
+    from tumorseg.bundle import config_files
+
+    configs = config_files("evaluate", BUNDLE)
     cmd = [
         sys.executable,
         "-m",
@@ -47,6 +49,8 @@ def evaluate(dataset_dir: Path, out: Path, tta: bool, box_fit: bool, tracking_di
         "run",
         "--config_file",
         str(configs),
+        "--bundle_root",
+        str(BUNDLE),
         "--dataset_dir",
         str(dataset_dir),
         "--eval_list",
@@ -103,7 +107,7 @@ def examples_png(dataset_dir: Path, path: Path, count: int = 4) -> None:
 
     items = json.loads((dataset_dir / "datalist.json").read_text())["validation"]
     picks = [items[i] for i in np.linspace(0, len(items) - 1, count).astype(int)]
-    predictor = Predictor()
+    predictor = Predictor.from_bundle()
     size, rows = 256, []
     for item in picks:
         image = np.asarray(Image.open(dataset_dir / item["image"]).convert("L"), dtype=np.float32)

@@ -40,15 +40,14 @@ BOX_SCALES = (0.9, 0.95, 1.05)
 def probabilities(dataset_dir: Path, split: str, checkpoint: Path) -> tuple[dict, np.ndarray, list[str]]:
     """Sigmoid maps (N, H, W) without and with flip TTA, binary labels, and source image paths."""
     import torch
-    from monai.bundle import ConfigParser
     from monai.data import DataLoader, Dataset, load_decathlon_datalist
     from monai.inferers import SimpleInferer
     from monai.transforms import Compose
 
+    from tumorseg.bundle import parser as bundle_parser
     from tumorseg.inferers import FlipTTAInferer
 
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
+    parser = bundle_parser("train", BUNDLE)
     items = load_decathlon_datalist(str(dataset_dir / "datalist.json"), data_list_key=split, base_dir=str(dataset_dir))
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))

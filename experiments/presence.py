@@ -158,9 +158,9 @@ def main() -> None:
     from tumorseg.predictor import Predictor
 
     start = time.time()
-    defaults = Predictor(BUNDLE, args.checkpoint)  # the shipped settings: which row is the default
+    defaults = Predictor.from_bundle(BUNDLE, args.checkpoint)  # the shipped settings: which row is the default
     default = {"min_peak": defaults.gate.min_peak, "min_run": defaults.min_run}
-    predictor = Predictor(BUNDLE, args.checkpoint, {"min_peak": min(MIN_PEAKS), "min_run": 1})
+    predictor = Predictor.from_bundle(BUNDLE, args.checkpoint, {"min_peak": min(MIN_PEAKS), "min_run": 1})
     datalist = str(args.dataset_dir / "datalist.json")
     lists = {
         key: load_decathlon_datalist(datalist, data_list_key=key, base_dir=str(args.dataset_dir))

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = "bundles/brain_tumor_mri_seg/configs/train.yaml"
+BUNDLE = "bundles/brain_tumor_mri_seg"
+TRAIN = [f"{BUNDLE}/configs/common.yaml", f"{BUNDLE}/configs/train.yaml"]
 RECIPES = {  # name: override files, applied in order on train.yaml
     "default": [],
     "rotate_aug": ["rotate_aug"],
@@ -36,7 +37,7 @@ RECIPES = {  # name: override files, applied in order on train.yaml
 
 
 def config_files(recipe: str) -> list[str]:
-    return [TRAIN] + [f"configs/experiments/{name}.yaml" for name in RECIPES[recipe]]
+    return TRAIN + [f"configs/experiments/{name}.yaml" for name in RECIPES[recipe]]
 
 
 def main() -> None:
@@ -67,6 +68,8 @@ def main() -> None:
             "training",
             "--config_file",
             str(config_files(name)),
+            "--bundle_root",
+            BUNDLE,
             "--dataset_dir",
             str(Path(args.dataset_dir).resolve()),
         ]

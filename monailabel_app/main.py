@@ -4,7 +4,9 @@
     .venv-monailabel/bin/monailabel start_server --app monailabel_app --studies STUDIES \
         --host 127.0.0.1 --port 8000 --conf models brain_tumor_mri_seg
 
-Inference needs nothing of ours: the exported inference.json holds only MONAI components.
+The export is a copy of the bundle: its configs reach the bundle's own code as
+``scripts.tumorseg.*`` (MONAI Label puts the bundle on ``sys.path``), and each workflow is layered
+on ``configs/common.yaml``, the bundle's shared definitions, which this app reads first.
 """
 
 from __future__ import annotations
@@ -42,10 +44,39 @@ def _bundle_infer_task_class():
 BundleInferTask = _bundle_infer_task_class()
 
 
+def layered_config(path, config):
+    """MONAI Label's ``ConfigParser`` of one bundle config, layered on the bundle's
+    ``configs/common.yaml`` (as ``--config_file "['common.yaml', ...]"`` does on the command line)."""
+    from monai.bundle import ConfigParser
+
+    common = Path(config).parent / "common.yaml"
+    parser = ConfigParser()
+    parser.read_config([str(common), str(config)] if common.is_file() else str(config))
+    parser.config.update({"bundle_root": path})
+    return parser
+
+
 class Bundle2DInferTask(BundleInferTask):
     """A 2D bundle: the restored mask loses its channel axis, and is written as a uint8 PNG
     unless the request asks otherwise (the default would be the input's extension, a lossy JPEG
-    for JPEG slices; ITK's PNG writer refuses float32)."""
+    for JPEG slices; ITK's PNG writer refuses float32). The shared preprocessing loads image and
+    label; a request has the image only."""
+
+    def __init__(self, path, conf, **kwargs):
+        super().__init__(path, conf, **kwargs)
+        # one output channel holding a binary mask: its one label (channel_def "0") has the value 1
+        if self.valid and len(self.labels) == 1:
+            self.labels = {name: 1 for name in self.labels}
+
+    def _load_bundle_config(self, path, config):
+        return layered_config(path, config)
+
+    def pre_transforms(self, data=None):
+        transforms = super().pre_transforms(data)
+        for t in transforms:
+            if type(t).__name__ == "LoadImageTensord":
+                t.keys = (self.key_image,)
+        return transforms
 
     def post_transforms(self, data=None):
         return [*super().post_transforms(data), SqueezeDimd(keys=self.key_pred, dim=0)]

@@ -20,7 +20,10 @@ CONFIGS = BUNDLE / "configs"
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python <args>`` as users do, capturing text output."""
+    """Run ``python <args>`` as users do, capturing text output. ``-m monai.bundle`` runs get
+    ``--bundle_root`` of the repository's bundle unless they give one (as the README's commands do)."""
+    if args[:2] == ("-m", "monai.bundle") and "--bundle_root" not in args and args[2:3] != ("verify_metadata",):
+        args = (*args, "--bundle_root", str(BUNDLE))
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
@@ -35,7 +38,9 @@ def converted_sample(tmp_path_factory) -> Path:
     return out
 
 
-TRAIN = str(CONFIGS / "train.yaml")
+COMMON = str(CONFIGS / "common.yaml")
+TRAIN = str([COMMON, str(CONFIGS / "train.yaml")])  # --config_file of training
+INFERENCE = str([COMMON, str(CONFIGS / "inference.yaml")])  # --config_file of inference
 QUICK = [
     "--image_size",
     "64",
@@ -53,7 +58,8 @@ QUICK = [
 
 
 def configs(*names: str) -> str:
-    return str([TRAIN, *(str(CONFIGS / n) for n in names)])
+    """--config_file of a workflow layered on training (evaluate.yaml, multi_gpu_train.yaml, settings)."""
+    return str([COMMON, str(CONFIGS / "train.yaml"), *(str(CONFIGS / n) if "/" not in n else n for n in names)])
 
 
 def check(result):

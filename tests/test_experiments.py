@@ -49,7 +49,7 @@ def test_recipe_runs_import_into_mlflow_with_params_curves_and_the_shipped_check
         mlflow.set_tracking_uri(None)  # it also sets MLFLOW_TRACKING_URI, which later subprocesses would inherit
     from tumorseg.predictor import Predictor
 
-    bundle_net = Predictor(checkpoint=weights).network.cpu()
+    bundle_net = Predictor.from_bundle(checkpoint=weights).network.cpu()
     x = torch.rand(2, 1, 256, 256)
     with torch.no_grad():
         assert torch.allclose(loaded(x[:1]), bundle_net(x[:1]), atol=1e-5)  # the same weights as the bundle

@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import CONFIGS, QUICK, REPO, check, run_cli
+from conftest import INFERENCE, QUICK, REPO, check, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -242,7 +242,7 @@ def test_bundle_inference_goes_on_past_a_corrupt_slice_and_keeps_names_apart(tra
     data = GOOD_JPG.read_bytes()
     (images / "broken.jpg").write_bytes(data[: len(data) // 3])
     result = run_cli(
-        "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIGS / "inference.yaml"),
+        "-m", "monai.bundle", "run", "inference", "--config_file", INFERENCE,
         "--dataset_dir", str(images), "--ckpt_dir", str(trained / "models"), "--output_dir", str(tmp_path / "out"),
         *QUICK, "--tta", "false", "--box_fit", "false",
     )  # fmt: skip
@@ -255,7 +255,7 @@ def test_bundle_inference_goes_on_past_a_corrupt_slice_and_keeps_names_apart(tra
     (tmp_path / "in8").mkdir()
     Image.open(GOOD_JPG).convert("L").save(tmp_path / "in8" / "a.png")
     check(run_cli(
-        "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIGS / "inference.yaml"),
+        "-m", "monai.bundle", "run", "inference", "--config_file", INFERENCE,
         "--dataset_dir", str(tmp_path / "in8"), "--ckpt_dir", str(trained / "models"),
         "--output_dir", str(tmp_path / "out8"), *QUICK, "--tta", "false", "--box_fit", "false",
     ))  # fmt: skip
@@ -270,7 +270,7 @@ def test_bundle_inference_never_overwrites_what_it_did_not_write(trained, tmp_pa
     out.mkdir()
     Image.open(GOOD_JPG).convert("L").save(images / "a.png")
     (out / "a_seg.png").write_bytes(b"somebody's file")
-    command = ["-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIGS / "inference.yaml"),
+    command = ["-m", "monai.bundle", "run", "inference", "--config_file", INFERENCE,
                "--dataset_dir", str(images), "--ckpt_dir", str(trained / "models"), "--output_dir", str(out), *QUICK]  # fmt: skip
     refused = run_cli(*command)
     assert refused.returncode == 1 and (out / "a_seg.png").read_bytes() == b"somebody's file"

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest import REPO, run_cli
+from conftest import INFERENCE, REPO, run_cli
 from PIL import Image
 
 from data_tools.nifti_to_dicom import write_series as write_dicom_series
@@ -115,7 +115,7 @@ def test_one_slice_gives_the_same_mask_as_png_nifti_and_dicom(trained, tmp_path)
 
 
 def test_standalone_bundle_inference_uses_sliding_windows_on_any_aspect_ratio(trained, tmp_path):
-    from conftest import CONFIGS, QUICK, check
+    from conftest import QUICK, check
 
     wide = tmp_path / "in"
     wide.mkdir()
@@ -127,7 +127,7 @@ def test_standalone_bundle_inference_uses_sliding_windows_on_any_aspect_ratio(tr
             "run",
             "inference",
             "--config_file",
-            str(CONFIGS / "inference.yaml"),
+            INFERENCE,
             "--dataset_dir",
             str(wide),
             "--ckpt_dir",

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, SAMPLE, check, configs, run_cli
+from conftest import BUNDLE, INFERENCE, SAMPLE, check, configs, run_cli
 
 WEIGHTS = BUNDLE / "models" / "model.pt"
 
@@ -107,7 +107,7 @@ def test_tta_and_box_fit_switch_from_the_command_line(converted_sample, tmp_path
                 "run",
                 "inference",
                 "--config_file",
-                str(BUNDLE / "configs" / "inference.yaml"),
+                INFERENCE,
                 "--dataset_dir",
                 str(SAMPLE / "test"),
                 "--output_dir",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, REPO, mlflow_run
+from conftest import REPO, mlflow_run
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,6 @@ def test_validation_report_and_panels(trained):
 
 def test_best_model_is_registered_and_loads_with_pyfunc(trained, converted_sample):
     import mlflow
-    from monai.bundle import ConfigParser
 
     client, run = mlflow_run(trained / "mlflow", "train")
     versions = client.search_model_versions("name = 'brain_tumor_mri_seg'")
@@ -48,9 +47,9 @@ def test_best_model_is_registered_and_loads_with_pyfunc(trained, converted_sampl
     assert model.metadata.signature is not None
 
     # the bundle's own network and preprocessing on a real sample image
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "train.yaml"))
-    parser.update({"image_size": 64, "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})
+    from tumorseg.bundle import parser as bundle_parser
+
+    parser = bundle_parser("train", overrides={"image_size": 64, "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})
     from monai.transforms import Compose
 
     sample = {"image": str(next((REPO / "data" / "brain-tumor-coco-sample" / "test").glob("*.jpg")))}

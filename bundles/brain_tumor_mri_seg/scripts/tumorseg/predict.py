@@ -63,11 +63,6 @@ def _stem(path: Path) -> str:
     return name
 
 
-def output_stem_map(paths: list[str]) -> dict[str, str]:
-    """``output_stems`` keyed by the path strings given (for the bundle's inference config)."""
-    return dict(zip(paths, output_stems([Path(p) for p in paths])))
-
-
 OUTPUT_SUFFIXES = ("_seg.png", "_seg.nii.gz", "_seg.dcm", "_overlay.png", ".json")
 
 
@@ -202,6 +197,64 @@ def predict_case(
     return summary
 
 
+def predict_cases(predictor, cases: list[Path], output, stems: dict | None = None, axis=None, keep_largest=False, progress=False):
+    """Predict each case into ``output`` (an :class:`OutputFolder`); a case that fails gets one
+    ``error:`` line and the others go on. ``stems``: output stem per case (``str(path)`` keys).
+    Returns the number of cases that failed."""
+    from tqdm import tqdm
+
+    from .writing import OutputError
+
+    failed = 0
+    for case in tqdm(cases, unit="case", disable=not progress or None):
+        try:
+            predict_case(predictor, case, output, axis=axis, keep_largest=keep_largest, stem=(stems or {}).get(str(case)))
+        except (InputError, OutputError) as e:
+            failed += 1
+            tqdm.write(f"error: {show(e)}", file=sys.stderr)
+        except Exception as e:  # anything else one case raises: its line, and the batch goes on
+            failed += 1
+            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            tqdm.write(f"error: {show(f'{case}: {e.__class__.__name__}: {detail}')}", file=sys.stderr)
+    return failed
+
+
+def inference_inputs(input_dir: str | Path, output_dir: str | Path | None = None) -> dict:
+    """The cases the bundle's ``inference.yaml`` predicts from ``input_dir`` (as ``find_cases``):
+    ``slices`` (PNG/JPG paths that decode, for MONAI's evaluator), ``volumes`` (NIfTI/DICOM cases,
+    for the predictor), ``stems`` (a unique output stem per case, keyed by ``str(path)``),
+    ``protected`` (the inputs, never overwritten) and ``failed`` (inputs refused, each with its
+    ``error:`` line printed here)."""
+    from .reading import readable_slices
+
+    cases, errors = find_cases([Path(input_dir)])
+    for line in errors:
+        print(f"error: {show(line)}", file=sys.stderr)
+    is_slice = [c.is_file() and c.name.lower().endswith(SLICE_SUFFIXES) for c in cases]
+    slices = [str(c) for c, s in zip(cases, is_slice) if s]
+    readable = readable_slices(slices)
+    taken = set()
+    if output_dir is not None and Path(output_dir).exists():
+        root = Path(output_dir).resolve()
+        taken = {c.resolve().relative_to(root).as_posix() for c in cases if c.resolve().is_relative_to(root)}
+    return {
+        "slices": readable,
+        "volumes": [c for c, s in zip(cases, is_slice) if not s],
+        "stems": dict(zip(map(str, cases), output_stems(cases, taken))),
+        "protected": set(cases) | {f for c in cases if c.is_dir() for f in c.iterdir()},
+        "failed": len(errors) + len(slices) - len(readable),
+        "found": len(cases) + len(errors),
+    }
+
+
+def report_inference(inputs: dict, output_dir, volume_failures: int = 0) -> None:
+    """The bundle inference's last line; exit status 1 if any input failed (after the others)."""
+    failed = inputs["failed"] + volume_failures
+    print(f"{inputs['found'] - failed} of {inputs['found']} inputs predicted into {output_dir}")
+    if failed:
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tumorseg-predict", description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("inputs", nargs="+", type=Path, help="PNG/JPG/NIfTI/DICOM files, DICOM series folders, or folders of files")
@@ -246,34 +299,23 @@ def main(argv: list[str] | None = None) -> int:
     cases, errors = find_cases(args.inputs)
     for line in errors:
         print(f"error: {show(line)}", file=sys.stderr)
-    from tqdm import tqdm
-
     from .predictor import Predictor
-    from .writing import OutputError, OutputFolder
+    from .writing import OutputFolder
 
     if args.output.exists() and not args.output.is_dir():
         print(f"error: {args.output}: the output must be a folder, and this is a file", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor(args.bundle, args.checkpoint, overrides, tta=args.tta, box_fit=args.box_fit)
+        predictor = Predictor.from_bundle(args.bundle, args.checkpoint, overrides, tta=args.tta, box_fit=args.box_fit)
     except InputError as e:
         print(f"error: {show(e)}", file=sys.stderr)
         return 2
     protected = set(cases) | {f for c in cases if c.is_dir() for f in c.iterdir()}
     folder = OutputFolder(args.output, protected)
-    failed = 0
     root = args.output.resolve()
     inside = {p.resolve().relative_to(root).as_posix() for p in protected if p.resolve().is_relative_to(root)}
-    for case, stem in tqdm(list(zip(cases, output_stems(cases, inside))), unit="case", disable=args.no_progress or None):
-        try:
-            predict_case(predictor, case, folder, axis=args.axis, keep_largest=args.keep_largest, stem=stem)
-        except (InputError, OutputError) as e:
-            failed += 1
-            tqdm.write(f"error: {show(e)}", file=sys.stderr)
-        except Exception as e:  # anything else one case raises: its line, and the batch goes on
-            failed += 1
-            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            tqdm.write(f"error: {show(f'{case}: {e.__class__.__name__}: {detail}')}", file=sys.stderr)
+    stems = dict(zip(map(str, cases), output_stems(cases, inside)))
+    failed = predict_cases(predictor, cases, folder, stems, args.axis, args.keep_largest, progress=not args.no_progress)
     print(f"{len(cases) - failed} of {len(cases) + len(errors)} inputs predicted into {args.output}")
     return 1 if failed or errors else 0
 

@@ -1,6 +1,7 @@
 """The bundle's model applied to slices and volumes: network, weights, and the one preprocessing
 and post-processing definition of the bundle config (``slice_preprocessing`` and
-``postprocessing`` in ``train.yaml``, the inferer of ``inference.yaml``)."""
+``postprocessing`` in ``common.yaml``, the ``inferer`` of ``inference.yaml``), assembled by the
+``predictor`` of ``inference.yaml``."""
 
 from __future__ import annotations
 
@@ -71,56 +72,90 @@ def drop_short_tumours(mask, min_run: int):
 class Predictor:
     """The bundle's network, weights and inference settings, applied to batches of slices.
 
+    The bundle's ``inference.yaml`` assembles it (id ``predictor``) from the one definition of each
+    part in ``common.yaml``; :meth:`from_bundle` reads it from there, so that ``tumorseg-predict``
+    and the bundle's own inference predict with the same object.
+
     Args:
-        bundle: the bundle folder (configs/train.yaml and configs/inference.yaml are read).
-        checkpoint: weights (a state dict); default the bundle's models/model.pt.
-        overrides: config overrides (e.g. ``{"image_size": 128}``).
-        tta: average the probabilities of the slice and its flips (None: the config's ``tta``).
-        box_fit: predict one rectangle per slice (None: the config's ``box_fit``).
+        network: the network (its weights are loaded from ``checkpoint``).
+        checkpoint: weights (a state dict, or a training checkpoint ``{"model": state dict}``).
+        preprocessing: dict transform taking ``{image_key: (1, x, y) slice}`` to the network's input.
+        inferer: called as ``inferer(batch, network)``; logits of shape (N, 1, H, W).
+        postprocessing: dict transform from ``{image_key, pred_key: logits}`` to a 0/1 mask.
+        min_peak, min_foreground: the presence gate's settings (slices with too little foreground
+            are not run at all).
+        min_run: volumes: tumours spanning fewer slices are cleared (:func:`drop_short_tumours`).
+        threshold, tta, box_fit: recorded in each case's summary.
         batch_size: slices of a volume run through the network together.
+        image_size: the network's input size, checked here (the preprocessing and inferer use it).
     """
 
     def __init__(
         self,
+        network,
+        checkpoint,
+        preprocessing,
+        inferer,
+        postprocessing,
+        min_peak: float = 0.5,
+        min_foreground: float = 0.02,
+        min_run: int = 2,
+        threshold: float = 0.5,
+        tta: bool = False,
+        box_fit: bool = False,
+        image_key: str = "image",
+        pred_key: str = "pred",
+        batch_size: int = 8,
+        image_size: int | None = None,
+    ):
+        from .transforms import PresenceGate
+
+        settings = {"image_size": image_size, "min_peak": min_peak, "min_foreground": min_foreground, "min_run": min_run}
+        for name, value in settings.items():
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+                raise InputError(f"bundle config: {name} must be a non-negative number, not {value!r}")
+
+        self.preprocess, self.inferer, self.postprocess = preprocessing, inferer, postprocessing
+        self.gate = PresenceGate(float(min_peak), float(min_foreground))
+        self.min_run, self.threshold = int(min_run), float(threshold)
+        self.tta, self.box_fit = bool(tta), bool(box_fit)
+        self.image_key, self.pred_key = image_key, pred_key
+        self.checkpoint = Path(checkpoint)
+        self.device = next(network.parameters()).device
+        self.network = network.eval()
+        load_weights(self.network, self.checkpoint, self.device)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_bundle(
+        cls,
         bundle: Path = BUNDLE,
         checkpoint: Path | None = None,
         overrides: dict | None = None,
         tta: bool | None = None,
         box_fit: bool | None = None,
-        batch_size: int = 8,
-    ):
-        import torch
-        from monai.transforms import Compose
-
+    ) -> Predictor:
+        """The ``predictor`` of the bundle's inference config (``common.yaml`` + ``inference.yaml``),
+        with config ``overrides`` (e.g. ``{"image_size": 128}``); ``tta``/``box_fit`` None keep the
+        config's. Raises :class:`InputError` for a config or weights that do not build."""
         from .bundle import inference_parser
-        from .transforms import PresenceGate
 
         overrides = dict(overrides or {})
-        for key, value in (("tta", tta), ("box_fit", box_fit)):
+        for key, value in (("tta", tta), ("box_fit", box_fit), ("checkpoint", checkpoint)):
             if value is not None:
-                overrides[key] = value
+                overrides[key] = str(value) if isinstance(value, Path) else value
         parser = inference_parser(bundle, overrides)
         try:
-            self.image_size = int(parser.get_parsed_content("image_size"))
-            self.threshold = float(parser.get_parsed_content("threshold"))
-            self.min_run = int(parser.get_parsed_content("min_run"))
-            self.inferer = parser.get_parsed_content("infer#inferer")  # FlipTTAInferer around the sliding window
-            self.tta = bool(parser.get_parsed_content("tta_enabled"))
-            self.box_fit = bool(parser.get_parsed_content("box_fit_enabled"))
-            self.preprocess = Compose(parser.get_parsed_content("slice_preprocessing"))
-            self.postprocess = parser.get_parsed_content("postprocessing")
-            self.gate = PresenceGate(
-                float(parser.get_parsed_content("min_peak")), float(parser.get_parsed_content("min_foreground"))
-            )
-            self.network_def = parser.get_parsed_content("network_def")
-        except (ValueError, TypeError) as e:
+            return parser.get_parsed_content("predictor")
+        except RuntimeError as e:  # MONAI wraps what the component raised
+            cause = e.__cause__ or e.__context__
+            while cause is not None and not isinstance(cause, InputError) and (cause.__cause__ or cause.__context__):
+                cause = cause.__cause__ or cause.__context__
+            if isinstance(cause, InputError):
+                raise cause from None
             raise InputError(f"bundle config: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}") from None
-        self.image_key, self.pred_key = parser.get_parsed_content("image_key"), parser.get_parsed_content("pred_key")
-        self.checkpoint = Path(checkpoint or parser.get_parsed_content("checkpoint"))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.network = self.network_def.to(self.device).eval()
-        load_weights(self.network, self.checkpoint, self.device)
-        self.batch_size = batch_size
+        except (ValueError, TypeError, KeyError) as e:
+            raise InputError(f"bundle config: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}") from None
 
     def _batch(self, slices: list[np.ndarray]) -> tuple[list[np.ndarray], list[float]]:
         """Masks (each at its slice's size) and peak probabilities of same-shape (x, y) slices."""

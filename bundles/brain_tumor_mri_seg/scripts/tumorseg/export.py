@@ -1,13 +1,11 @@
-"""``tumorseg-export``: a self-contained copy of the bundle, for MONAI Label or any bundle user.
+"""``tumorseg-export``: a copy of the bundle (and a zip), for MONAI Label or any bundle user.
 
-The repository keeps one definition of everything shared (network, preprocessing) in
-``train.yaml`` and layers ``inference.yaml`` on it. MONAI Label reads a single
-``configs/inference.json``, so the export writes that file flattened from the two, with the
-top-level ids MONAI Label's ``BundleInferTask`` looks for (``network_def``, ``preprocessing``,
-``inferer``, ``postprocessing``, ``device``, ``bundle_root``). Its components are MONAI's, plus
-the package's own flip TTA inferer and box fit, which it reaches, like ``train.yaml`` (for MONAI
-Label's ``BundleTrainTask``), through the copy of the package under ``scripts/tumorseg`` (MONAI
-puts a bundle's root on ``sys.path``).
+The export is the bundle folder as it is (configs, docs, LICENSE, its own code under
+``scripts/``), with the weights chosen (``--checkpoint``, default ``models/model.pt``) as
+``models/model.pt``; what training and evaluation write into the bundle (``eval/``,
+``models/last/``) and Python's caches stay out. Nothing in it is rewritten: the configs already
+reach the bundle's code as ``scripts.tumorseg.*`` and every path from ``bundle_root``. MONAI
+Label's app (``monailabel_app/main.py``) layers ``common.yaml`` under the workflow it loads.
 
 A re-export replaces the previous one only once the new one is built and checked beside it (its
 weights loaded into ``network_def``), never touches the source bundle, and keeps what others
@@ -30,82 +28,11 @@ from pathlib import Path
 
 from .bundle import BUNDLE
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+# written into the bundle by its workflows, never part of an export
+LEFT_OUT = shutil.ignore_patterns("__pycache__", "*.pyc", "eval", "last", ".tumorseg-*")
 # what an export wrote ({relative path: sha256}): a re-export replaces those files only, and keeps
 # any other file (or changed one) found in the export, e.g. weights MONAI Label saved there
 MANIFEST = ".tumorseg-export.json"
-# what inference needs from the merged config; training-only ids stay out
-INFERENCE_IDS = (
-    "image_key",
-    "label_key",
-    "pred_key",
-    "image_size",
-    "channels",
-    "strides",
-    "num_res_units",
-    "dropout",
-    "threshold",
-    "min_peak",
-    "min_foreground",
-    "tta",
-    "box_fit",
-    "tta_enabled",
-    "box_fit_enabled",
-    "amp",
-    "device",
-    "network_def",
-    "preprocessing",
-    "postprocessing",
-    "infer",
-    "workflow",
-    "input_dir",
-    "found_files",
-    "input_files",
-    "output_stems",
-    "output_files",
-    "output_dir",
-)
-
-
-def _image_only(transform: dict) -> dict:
-    """The image half of a shared image+label transform: MONAI Label's loader reads every key
-    of ``LoadImaged`` (ignoring ``allow_missing_keys``), and inference has no label."""
-    keys = transform.get("keys")
-    if not (isinstance(keys, list) and "@label_key" in keys):
-        return transform
-    index = keys.index("@image_key")
-    out = {k: v[index] if isinstance(v, list) and len(v) == len(keys) and k != "keys" else v for k, v in transform.items()}
-    out["keys"] = "@image_key"
-    out.pop("allow_missing_keys", None)
-    return out
-
-
-def flattened_inference_config(bundle: Path = BUNDLE, overrides: dict | None = None) -> dict:
-    """One inference config from train.yaml + inference.yaml (+ ``overrides``, e.g. the network
-    size of the weights), needing nothing but MONAI."""
-    from .bundle import inference_parser
-
-    merged = inference_parser(bundle, overrides).get()
-    config = {
-        "imports": merged["imports"],
-        "bundle_root": ".",
-        "ckpt_dir": "$@bundle_root + '/models'",
-        "checkpoint": "$@ckpt_dir + '/model.pt'",
-        "dataset_dir": "$@bundle_root + '/sample'",
-        **{k: merged[k] for k in INFERENCE_IDS},
-    }
-    config["preprocessing"] = [_image_only(t) for t in merged["load_slice"] + merged["slice_preprocessing"]]
-    config["network"] = "$@network_def.to(@device)"
-    config["inferer"] = "@infer#inferer"
-    config["initialize"] = []
-    config["run"] = merged["run"]
-    config["inference"] = "@run"
-    text = json.dumps(config).replace('"$import tumorseg"', '"$import scripts.tumorseg as tumorseg"')
-    text = re.sub(r'"_target_": "tumorseg\.', '"_target_": "scripts.tumorseg.', text)
-    # expressions may use `tumorseg.` (imported as the scripts copy); targets and imports may not
-    if re.search(r'"_target_": "tumorseg\.|\$import tumorseg\b|from tumorseg\b', text):
-        raise RuntimeError("the flattened inference config still refers to the installed tumorseg package")
-    return json.loads(text)
 
 
 class ExportError(Exception):
@@ -187,45 +114,23 @@ def _previous_export(target: Path) -> dict[str, str] | None:
     return dict(files)
 
 
-def _write_bundle(stage: Path, bundle: Path, checkpoint: Path, weights: tuple, overrides: dict | None) -> None:
-    """The export's own files, written into ``stage``; ``weights`` is what ``_weights`` gave."""
-    (stage / "configs").mkdir()
-    (stage / "models").mkdir()
-    try:
-        config = flattened_inference_config(bundle, overrides)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise ExportError(bundle / "configs", f"cannot build the inference config: {e}") from None
-    (stage / "configs" / "inference.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in ("metadata.json", "logging.conf"):
-        shutil.copy(bundle / "configs" / name, stage / "configs" / name)
-    train = (bundle / "configs" / "train.yaml").read_text()
-    train = train.replace("$import tumorseg\n", "$import scripts.tumorseg as tumorseg\n")
-    train = train.replace("_target_: tumorseg.", "_target_: scripts.tumorseg.").replace(
-        "bundle_root: bundles/brain_tumor_mri_seg", "bundle_root: ."
-    )
-    (stage / "configs" / "train.yaml").write_text(train)
+def _write_bundle(stage: Path, bundle: Path, checkpoint: Path, weights: tuple) -> None:
+    """The bundle copied into ``stage`` (which must not exist yet), with the weights ``_weights``
+    gave as ``models/model.pt``."""
+    shutil.copytree(bundle, stage, ignore=LEFT_OUT)
     loaded, state = weights
+    target = stage / "models" / "model.pt"
+    target.parent.mkdir(exist_ok=True)
     if loaded is state:
-        shutil.copy(checkpoint, stage / "models" / "model.pt")
+        shutil.copy(checkpoint, target)
     else:  # a training checkpoint: only its model, as a plain state dict
         import torch
 
-        torch.save(state, stage / "models" / "model.pt")
-    shutil.copytree(bundle / "docs", stage / "docs")
-    shutil.copy(bundle / "LICENSE", stage / "LICENSE")
-    scripts = stage / "scripts"
-    scripts.mkdir()
-    (scripts / "__init__.py").write_text("")
-    shutil.copytree(PACKAGE_DIR, scripts / "tumorseg", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        torch.save(state, target)
 
 
 def _verify(stage: Path, network) -> None:
     """The built export, read back before it replaces anything."""
-    config = stage / "configs" / "inference.json"
-    try:
-        json.loads(config.read_text())
-    except ValueError as e:
-        raise ExportError(config, f"not valid JSON: {e}") from None
     _weights(stage / "models" / "model.pt", network)
 
 
@@ -266,7 +171,6 @@ def export(
     bundle: Path = BUNDLE,
     checkpoint: Path | None = None,
     make_zip: bool = False,
-    overrides: dict | None = None,
     report=print,
 ) -> Path:
     """Write ``<out>/<bundle name>/`` (and ``<out>/<bundle name>.zip`` with ``make_zip``).
@@ -292,7 +196,7 @@ def export(
     from .bundle import inference_parser
 
     try:
-        network = inference_parser(bundle, overrides).get_parsed_content("network_def")
+        network = inference_parser(bundle).get_parsed_content("network_def")
     except Exception as e:  # MONAI's config errors come in many types
         raise ExportError(bundle / "configs", f"network_def does not build: {e}") from None
     weights = _weights(checkpoint, network)  # before anything is written
@@ -300,10 +204,9 @@ def export(
     token = secrets.token_hex(4)
     stage, aside = out / f".{bundle.name}.tmp-{token}", out / f".{bundle.name}.old-{token}"
     zip_path, zip_tmp = out / f"{bundle.name}.zip", out / f".{bundle.name}.zip.tmp-{token}"
-    stage.mkdir()  # not mkdtemp: its 0700 mode would stay on the export
     swapped = False
     try:
-        _write_bundle(stage, bundle, checkpoint, weights, overrides)
+        _write_bundle(stage, bundle, checkpoint, weights)  # not mkdtemp: its 0700 mode would stay on the export
         _verify(stage, network)
         own = _files(stage)
         kept, conflicts = _carry_over(target, stage, manifest, own) if manifest is not None else ([], [])
@@ -344,19 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, default=BUNDLE)
     p.add_argument("--checkpoint", type=Path, help="weights (default: <bundle>/models/model.pt)")
     p.add_argument("--zip", action="store_true", help="also write <bundle name>.zip")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override written into inference.json, e.g. --set image_size=128 (JSON values)",
-    )
     args = p.parse_args(argv)
-    from .bundle import parse_overrides
-
-    overrides = parse_overrides(args.set)
     try:
-        target = export(args.output, args.bundle, args.checkpoint, args.zip, overrides)
+        target = export(args.output, args.bundle, args.checkpoint, args.zip)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
