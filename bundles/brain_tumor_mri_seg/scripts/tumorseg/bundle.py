@@ -53,7 +53,8 @@ def _use_bundle_code(bundle: Path) -> None:
     root = str(Path(bundle).resolve())
     if root not in sys.path:
         sys.path.insert(1, root)
-    if (Path(root) / "scripts" / "tumorseg").resolve() == Path(__file__).resolve().parent:
+    imported_as_tumorseg = __package__ != _SameModule.PREFIX  # as scripts.tumorseg itself, there is nothing to join
+    if imported_as_tumorseg and (Path(root) / "scripts" / "tumorseg").resolve() == Path(__file__).resolve().parent:
         if not any(isinstance(f, _SameModule) for f in sys.meta_path):
             sys.meta_path.insert(0, _SameModule())
 
