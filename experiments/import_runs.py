@@ -97,16 +97,16 @@ def main() -> None:
         for f in ("recipe.json", "metrics.jsonl"):
             client.log_artifact(run.info.run_id, str(run_dir / f), "record")
         if record["recipe"] in checkpoints:  # the shipped weights: an MLflow model, registered like a tracked run's
-            from monai.bundle import ConfigParser
             from recipes import config_files
 
-            from tumorseg.tracking import log_network
+            from tumorseg.bundle import parser as bundle_parser
+            from tumorseg.tracking import log_bundle_model
 
-            parser = ConfigParser()
+            parser = bundle_parser("train")  # the bundle's code importable, then the recipe's own files
             parser.read_config([str(REPO / f) for f in config_files(record["recipe"])])
-            size = int(parser.get_parsed_content("image_size"))
-            log_network(client, run.info.run_id, parser.get_parsed_content("network_def"), checkpoints[record["recipe"]],
-                        "brain_tumor_mri_seg", [1, 1, size, size])  # fmt: skip
+            parser.update({"bundle_root": str(REPO / "bundles" / "brain_tumor_mri_seg")})
+            log_bundle_model(client, run.info.run_id, checkpoints[record["recipe"]], "brain_tumor_mri_seg",
+                             parser.get_parsed_content("model_config"))  # fmt: skip
         client.set_terminated(
             run.info.run_id,
             "FINISHED" if record.get("completed") else "KILLED",

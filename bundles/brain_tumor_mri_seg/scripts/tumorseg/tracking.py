@@ -8,7 +8,6 @@ metrics and the store stay MONAI's.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import re
@@ -23,7 +22,6 @@ from monai.handlers import MLFlowHandler
 __all__ = [
     "MLflowTracker",
     "file_digest",
-    "flatten_config",
     "run_name",
     "environment_params",
     "store_lock",
@@ -31,7 +29,11 @@ __all__ = [
     "training_run_id",
 ]
 
-MAX_PARAM_VALUE = 500  # long expressions are cut: a parameter is for reading, the config file is an artifact
+
+# what the logged pyfunc model imports (the bundle's inference), pinned to the versions at hand
+MODEL_REQUIREMENTS = (
+    "torch", "monai", "pytorch-ignite", "pyyaml", "pillow", "scikit-image", "scipy", "nibabel", "pydicom", "highdicom",
+)  # fmt: skip
 
 
 def run_name(workflow: str, record: str | None = None) -> str:
@@ -46,36 +48,6 @@ def run_name(workflow: str, record: str | None = None) -> str:
 def file_digest(path: str | Path, length: int | None = 16) -> str:
     """SHA-256 of a file (the datalist, a checkpoint), cut to ``length`` hex digits."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:length]
-
-
-def flatten_config(config: dict) -> dict[str, str]:
-    """The scalar settings of a bundle config as ``{"train.dataloader.batch_size": "16", ...}``.
-
-    A value that is a plain reference (``"@learning_rate"``) is replaced by what it refers to,
-    so each parameter reads as the value the run used; expressions stay as written.
-    """
-    flat: dict[str, object] = {}
-
-    def walk(node, key):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{key}.{k}" if key else str(k))
-        elif isinstance(node, list) and not all(isinstance(v, (int, float, str, bool)) or v is None for v in node):
-            for i, v in enumerate(node):
-                walk(v, f"{key}.{i}")
-        else:
-            flat[key] = node
-
-    walk({k: v for k, v in config.items() if k not in ("imports", "_meta_")}, "")
-    by_id = {k.replace(".", "#"): v for k, v in flat.items()}
-    out = {}
-    for key, value in flat.items():
-        for _ in range(5):  # follow chains of references
-            if isinstance(value, str) and value.startswith("@") and value[1:] in by_id:
-                value = by_id[value[1:]]
-        text = json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
-        out[key] = text[:MAX_PARAM_VALUE]
-    return out
 
 
 def environment_params(device=None) -> dict[str, str]:
@@ -186,23 +158,28 @@ class MLflowTracker(MLFlowHandler):
 
     On top of MONAI's metrics, parameters and artifacts it:
 
-    - logs every scalar setting of the executed bundle config (``config_file``), the code and
-      machine (:func:`environment_params`) as parameters, and sets ``tags``;
+    - logs the code and machine (:func:`environment_params`) as parameters beside MONAI's
+      ``experiment_param`` (the run's readable hyper-parameters: ``run_params`` of the bundle
+      config), and sets ``tags``; the executed config itself is an artifact;
     - uploads, at the end of each epoch, the files other handlers register in
       ``engine.state.tracked_files`` (validation panels, reports);
-    - at the end of training, logs the best checkpoint as an MLflow model (``mlflow.pytorch``,
-      with an input example and signature), registers it as ``registered_model_name``, and
-      tags the run with the checkpoint's SHA-256;
+    - logs the mean training loss of each epoch (``epoch_loss``) with the epoch as its step, like
+      every other per-epoch metric, so that no curve mixes iterations and epochs on one axis;
+    - at the end of training, logs the best checkpoint as an MLflow pyfunc model that segments
+      slices of any number and size with the bundle's inference (:func:`log_bundle_model`),
+      registers it as ``registered_model_name`` and tags the run with the checkpoint's SHA-256;
     - for an evaluation of ``source_checkpoint``, links the run to the training run that made
       that checkpoint (``mlflow.parentRunId``, so the UI nests it there, and ``trained_by_run``).
 
     Args:
         tags: tags set on the run when it starts.
-        config_file: the executed config (MONAI's ``save_execute_config``), flattened into params.
-        model: the network definition (an ``nn.Module``) to load ``checkpoint`` into and log.
-        checkpoint: the best-model state dict written during training.
+        config_file: the executed config (MONAI's ``save_execute_config``).
+        checkpoint: the best-model state dict written during training, logged as the run's model.
         registered_model_name: Model Registry name; None logs the model without registering it.
-        input_shape: shape of the model's input example, e.g. ``[1, 1, 256, 256]``.
+        model_config: the config overrides the weights need (network size, post-processing).
+        epoch_loss: log the epoch's mean of ``output_transform`` as ``tag_name`` at the epoch.
+        metric_prefixes: metric name prefixes to replace, e.g. ``{"val_": "eval_"}`` for an
+            evaluation, whose validator metrics are not a validation during training.
         source_checkpoint: for evaluation runs, the checkpoint being evaluated.
         run_record: file to keep the run's name in, for :func:`run_name` when resuming.
         kwargs: everything ``monai.handlers.MLFlowHandler`` takes.
@@ -212,10 +189,11 @@ class MLflowTracker(MLFlowHandler):
         self,
         tags: dict | None = None,
         config_file: str | None = None,
-        model=None,
         checkpoint: str | None = None,
         registered_model_name: str | None = None,
-        input_shape: list[int] | None = None,
+        model_config: dict | None = None,
+        epoch_loss: bool = False,
+        metric_prefixes: dict | None = None,
         source_checkpoint: str | None = None,
         run_record: str | None = None,
         **kwargs,
@@ -226,9 +204,11 @@ class MLflowTracker(MLFlowHandler):
         self.run_record = run_record
         self.tags = {k: str(v) for k, v in (tags or {}).items()}
         self.config_file = _joined(config_file) if config_file else None
-        self.model, self.checkpoint = model, checkpoint
+        self.checkpoint = checkpoint
         self.registered_model_name = registered_model_name
-        self.input_shape = list(input_shape) if input_shape else None
+        self.model_config = dict(model_config or {})
+        self.epoch_loss, self._losses = epoch_loss, []
+        self.metric_prefixes = dict(metric_prefixes or {})
         self.source_checkpoint = source_checkpoint
         self.artifacts = tuple(_joined(a) if isinstance(a, str) else a for a in self.artifacts)
 
@@ -245,11 +225,7 @@ class MLflowTracker(MLFlowHandler):
             write_atomic(self.run_record, self.cur_run.info.run_name.encode())
         for key, value in self.tags.items():
             self.client.set_tag(run_id, key, value)
-        params = environment_params()
-        if self.config_file and Path(self.config_file).is_file():
-            config = json.loads(Path(self.config_file).read_text())
-            params.update({f"config.{k}": v for k, v in flatten_config(config).items()})
-        self._log_params_batched(params)
+        self._log_params_batched(environment_params())
         if self.source_checkpoint and Path(self.source_checkpoint).is_file():
             self._link_to_training_run(run_id, file_digest(self.source_checkpoint, None))
 
@@ -267,8 +243,26 @@ class MLflowTracker(MLFlowHandler):
             self.client.set_tag(run_id, "mlflow.parentRunId", parent)
             self.client.set_tag(run_id, "trained_by_run", parent)
 
+    def _log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        for old, new in self.metric_prefixes.items():
+            metrics = {new + k[len(old) :] if k.startswith(old) else k: v for k, v in metrics.items()}
+        super()._log_metrics(metrics, step)
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        if self.epoch_loss:
+            from ignite.engine import Events
+
+            def keep_loss(e: Engine) -> None:
+                self._losses.append(float(self.output_transform(e.state.output)))
+
+            engine.add_event_handler(Events.ITERATION_COMPLETED, keep_loss)
+
     def epoch_completed(self, engine: Engine) -> None:
         super().epoch_completed(engine)
+        if self.epoch_loss and self._losses and self.cur_run is not None:
+            self._log_metrics({self.tag_name: sum(self._losses) / len(self._losses)}, step=engine.state.epoch)
+            self._losses = []
         self.upload_registered(engine)
 
     def upload_registered(self, engine: Engine) -> None:
@@ -282,43 +276,94 @@ class MLflowTracker(MLFlowHandler):
 
     def complete(self) -> None:
         super().complete()
-        if self.cur_run is not None and self.model is not None and self.checkpoint and Path(self.checkpoint).is_file():
-            self.log_model()
-
-    def log_model(self) -> None:
-        """Log the best checkpoint as an MLflow model and register it (a new version per run)."""
-        log_network(self.client, self.cur_run.info.run_id, self.model, self.checkpoint, self.registered_model_name,
-                    self.input_shape)  # fmt: skip
+        if self.cur_run is not None and self.checkpoint and Path(self.checkpoint).is_file():
+            run_id = self.cur_run.info.run_id
+            log_bundle_model(self.client, run_id, self.checkpoint, self.registered_model_name, self.model_config)
 
 
-def log_network(client, run_id: str, network, checkpoint, registered_model_name: str | None, input_shape=None) -> None:
-    """Log ``checkpoint`` loaded into a copy of ``network`` as the run's MLflow model
-    (``mlflow.pytorch``, with an input example) and register it as ``registered_model_name``;
-    tag the run with the checkpoint's SHA-256. Used by training runs and by imported runs."""
-    import copy
+def log_bundle_model(
+    client,
+    run_id: str,
+    checkpoint,
+    registered_model_name: str | None,
+    model_config: dict | None = None,
+    bundle=None,
+    description: str | None = None,
+) -> str | None:
+    """Log ``checkpoint`` as the run's MLflow model, a pyfunc that segments slices of any number
+    and size with the bundle's own inference (:mod:`tumorseg.pyfunc`), and register it as
+    ``registered_model_name``. ``model_config``: the config overrides the weights need (network
+    size, post-processing settings). The registered version gets ``description``, the run's best
+    validation metrics and its data digest as tags, and, where the weights are the bundle's
+    shipped ``models/model.pt``, the alias ``shipped``. Tags the run with the checkpoint's SHA-256.
+    Returns the registered version (None when not registered)."""
+    import shutil
+    import tempfile
 
     import mlflow
-    import monai
     import numpy as np
     import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
-    client.set_tag(run_id, "checkpoint_sha256", file_digest(checkpoint, None))
-    net = copy.deepcopy(network).cpu().eval()
-    net.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    example = np.zeros(input_shape or [1, 1, 64, 64], dtype=np.float32)
+    from .bundle import BUNDLE
+    from .export import LEFT_OUT
+
+    bundle = Path(bundle or BUNDLE)
+    digest = file_digest(checkpoint, None)
+    client.set_tag(run_id, "checkpoint_sha256", digest)
+    slices = TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))  # one unnamed tensor: predict gets the array
+    masks = TensorSpec(np.dtype(np.uint8), (-1, 1, -1, -1))
+    versions = {"torch": torch.__version__.split("+")[0]}
+    import importlib.metadata
+
+    pins = [f"{name}=={versions.get(name) or importlib.metadata.version(name)}" for name in MODEL_REQUIREMENTS]
     # the fluent API needs the global URI, which mlflow also puts into the environment (where
     # MONAI's handler would read it): restore both afterwards, unset if they were unset
     previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(client.tracking_uri)
     try:
-        with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(
-                net,
-                name="model",
-                input_example=example,
-                registered_model_name=registered_model_name,
-                # stated, not inferred: inference imports the model and takes long
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}"],
-            )
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / bundle.name
+            shutil.copytree(bundle, copy, ignore=LEFT_OUT)
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            state = state["model"] if isinstance(state, dict) and isinstance(state.get("model"), dict) else state
+            (copy / "models").mkdir(exist_ok=True)
+            torch.save(state, copy / "models" / "model.pt")
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(Path(__file__).with_name("pyfunc.py")),
+                    artifacts={"bundle": str(copy)},
+                    model_config=dict(model_config or {}),
+                    signature=ModelSignature(inputs=Schema([slices]), outputs=Schema([masks])),
+                    registered_model_name=registered_model_name,
+                    pip_requirements=pins,  # stated, not inferred: inferring imports the model and takes long
+                )
     finally:
         mlflow.set_tracking_uri(previous_uri)
+    version = getattr(info, "registered_model_version", None)
+    if not registered_model_name or version is None:
+        return None
+    version = str(version)
+    run = client.get_run(run_id)
+    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(("val_", "eval_"))}
+    for key in [k for k in metrics if k.startswith("val_")]:  # the best epoch, not the last
+        history = client.get_metric_history(run_id, key)
+        metrics[key] = max(m.value for m in history) if history else metrics[key]
+    text = description or (
+        f"Weights {digest[:12]} of run {run.info.run_name} ({run_id}). Input: float32 (N, 1, H, W) grey slices as "
+        "images are read, any N, H, W and intensity range; output: uint8 (N, 1, H, W) tumour masks from the bundle's "
+        "own inference (sliding window, flip TTA, presence gate, box fit)."
+    )
+    client.update_model_version(registered_model_name, version, description=text)
+    tags = {"checkpoint_sha256": digest, **{k: f"{v:.4f}" for k, v in metrics.items()}}
+    for key in ("datalist_sha256", "train_dataset_0_digest", "validation_dataset_0_digest", "evaluation_dataset_0_digest"):
+        if key in run.data.params:
+            tags[f"data.{key}"] = run.data.params[key]
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model_name, version, key, value)
+    shipped = bundle / "models" / "model.pt"
+    if shipped.is_file() and file_digest(shipped, None) == digest:
+        client.set_registered_model_alias(registered_model_name, "shipped", version)
+    return version
