@@ -82,16 +82,23 @@ $(ML_VENV)/.installed:
 	    expiring_dict google-auth "dicomweb-client==0.59.3" "pydicom==2.4.4" SimpleITK "jsonschema<4" itk-io pynrrd \
 	    girder-client psutil nibabel scikit-image shapely pillow pyyaml pytorch-ignite==0.5.5 tqdm \
 	    || true  # pip reports monailabel's unmet pins, as expected; pyyaml, ignite, tqdm: the bundle's YAML configs and training
-	$(ML_VENV)/bin/python -c "import monailabel, monai, torch, yaml, ignite; print('monailabel', monailabel.__version__, 'torch', torch.__version__)"
+	$(ML_VENV)/bin/python -c "import monailabel, monai, torch, yaml, ignite, tqdm, scipy, skimage; print('monailabel', monailabel.__version__, 'torch', torch.__version__)"
 	touch $@
 
 # Export the bundle (configs, weights, docs, scripts/) into the MONAI Label app, then serve it.
+# A re-export keeps what MONAI Label trained into the export (model/<bundle>/models/monailabel/).
 CHECKPOINT ?= $(BUNDLE)/models/model.pt
-STUDIES ?= runs/monailabel-studies   # MONAI Label writes its datastore and labels into this folder
+# MONAI Label writes its datastore and labels into this folder (a comment on the line of a
+# variable would end up in its value)
+STUDIES ?= runs/monailabel-studies
+ML_PORT ?= 8000
 monailabel-app: setup
 	$(BIN)/tumorseg-export monailabel_app/model --checkpoint $(CHECKPOINT)
 
+# CORS open to the server's own origin only (main.py reads TUMORSEG_CORS_ORIGINS: MONAI Label's
+# MONAI_LABEL_CORS_ORIGINS crashes start_server in 0.8.5, and empty it allows every origin)
 monailabel-serve: monailabel-venv monailabel-app
 	mkdir -p $(STUDIES) && cp -n data/brain-tumor-coco-sample/test/*.jpg $(STUDIES)/
-	PATH=$(abspath $(ML_VENV))/bin:$$PATH $(ML_VENV)/bin/monailabel start_server --app monailabel_app \
-	    --studies $(STUDIES) --host 127.0.0.1 --port 8000 --conf models brain_tumor_mri_seg
+	PATH=$(abspath $(ML_VENV))/bin:$$PATH TUMORSEG_CORS_ORIGINS=http://127.0.0.1:$(ML_PORT) \
+	    $(ML_VENV)/bin/monailabel start_server --app monailabel_app \
+	    --studies $(STUDIES) --host 127.0.0.1 --port $(ML_PORT) --conf models brain_tumor_mri_seg

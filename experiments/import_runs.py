@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 
 def hyper_parameters(recipe: str, overrides: dict) -> dict:
-    """The recipe's ``run_params`` that need no data (the bundle's own list of what defines a run)."""
+    """The recipe's run parameters that need no data: ``model_config`` and ``training_params`` of
+    its configs (the bundle's own lists of what defines a run)."""
     from monai.bundle import ConfigParser
     from recipes import config_files
 
@@ -31,12 +32,13 @@ def hyper_parameters(recipe: str, overrides: dict) -> dict:
     parser.read_config([str(REPO / f) for f in config_files(recipe)])
     parser.update({k: v for k, v in overrides.items() if k not in ("ckpt_dir", "output_dir")})
     params = {}
-    for key in parser["run_params"]:
-        try:
-            value = parser.get_parsed_content(f"run_params#{key}")
-        except Exception:  # needs the dataset (datalist digest, image counts): not at hand here
-            continue
-        params[key] = str(value)
+    for group in ("model_config", "training_params"):
+        for key in parser[group]:
+            try:
+                value = parser.get_parsed_content(f"{group}#{key}")
+            except Exception:  # needs the dataset (datalist digest, image counts): not at hand here
+                continue
+            params[key] = str(value)
     return params
 
 
@@ -97,12 +99,14 @@ def main() -> None:
         for f in ("recipe.json", "metrics.jsonl"):
             client.log_artifact(run.info.run_id, str(run_dir / f), "record")
         if record["recipe"] in checkpoints:  # the shipped weights: an MLflow model, registered like a tracked run's
+            from monai.bundle import ConfigParser
             from recipes import config_files
 
-            from tumorseg.bundle import parser as bundle_parser
+            from tumorseg.bundle import use_bundle_code
             from tumorseg.tracking import log_bundle_model
 
-            parser = bundle_parser("train")  # the bundle's code importable, then the recipe's own files
+            use_bundle_code(REPO / "bundles" / "brain_tumor_mri_seg")  # its configs' scripts.tumorseg.*
+            parser = ConfigParser()
             parser.read_config([str(REPO / f) for f in config_files(record["recipe"])])
             parser.update({"bundle_root": str(REPO / "bundles" / "brain_tumor_mri_seg")})
             log_bundle_model(client, run.info.run_id, checkpoints[record["recipe"]], "brain_tumor_mri_seg",

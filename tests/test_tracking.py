@@ -30,7 +30,7 @@ def test_run_parameters_are_readable_hyper_parameters_code_and_machine(trained):
 
 def test_per_epoch_metrics_have_the_epoch_as_step(trained):
     client, run = mlflow_run(trained / "mlflow", "train")
-    for key in ("train_loss", "val_mean_dice", "val_mean_iou"):
+    for key in ("train_loss", "lr_group_0", "val_mean_dice", "val_mean_iou"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2], key
 
 

@@ -47,7 +47,7 @@ class _SameModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass  # already executed under its own name
 
 
-def _use_bundle_code(bundle: Path) -> None:
+def use_bundle_code(bundle: Path) -> None:
     """Make ``bundle``'s ``scripts.*`` importable, as ``monai.bundle run`` does (its root on
     ``sys.path``); where its ``scripts/tumorseg`` is this package, as this package."""
     root = str(Path(bundle).resolve())
@@ -61,10 +61,10 @@ def _use_bundle_code(bundle: Path) -> None:
 
 def parser(workflow: str, bundle: Path = BUNDLE, overrides: dict | None = None):
     """``ConfigParser`` of ``workflow``'s configs with ``bundle_root`` set to ``bundle``, whose
-    ``scripts.tumorseg`` components then instantiate (``_use_bundle_code``)."""
+    ``scripts.tumorseg`` components then instantiate (``use_bundle_code``)."""
     from monai.bundle import ConfigParser
 
-    _use_bundle_code(bundle)
+    use_bundle_code(bundle)
     root = str(Path(bundle).resolve())
     config = ConfigParser()
     config.read_config(config_files(workflow, bundle))

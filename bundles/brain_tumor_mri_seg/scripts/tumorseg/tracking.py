@@ -177,7 +177,8 @@ class MLflowTracker(MLFlowHandler):
         checkpoint: the best-model state dict written during training, logged as the run's model.
         registered_model_name: Model Registry name; None logs the model without registering it.
         model_config: the config overrides the weights need (network size, post-processing).
-        epoch_loss: log the epoch's mean of ``output_transform`` as ``tag_name`` at the epoch.
+        epoch_loss: log the epoch's mean of ``output_transform`` as ``tag_name``, and the learning
+            rate of each parameter group (``lr_group_<i>``), with the epoch as step.
         metric_prefixes: metric name prefixes to replace, e.g. ``{"val_": "eval_"}`` for an
             evaluation, whose validator metrics are not a validation during training.
         source_checkpoint: for evaluation runs, the checkpoint being evaluated.
@@ -261,7 +262,11 @@ class MLflowTracker(MLFlowHandler):
     def epoch_completed(self, engine: Engine) -> None:
         super().epoch_completed(engine)
         if self.epoch_loss and self._losses and self.cur_run is not None:
-            self._log_metrics({self.tag_name: sum(self._losses) / len(self._losses)}, step=engine.state.epoch)
+            metrics = {self.tag_name: sum(self._losses) / len(self._losses)}
+            optimizer = getattr(engine, "optimizer", None)  # the learning rate the epoch ended with
+            for i, group in enumerate(optimizer.param_groups if optimizer is not None else []):
+                metrics[f"lr_group_{i}"] = float(group["lr"])
+            self._log_metrics(metrics, step=engine.state.epoch)
             self._losses = []
         self.upload_registered(engine)
 
