@@ -37,12 +37,13 @@ MODEL_REQUIREMENTS = (
 
 
 def run_name(workflow: str, record: str | None = None) -> str:
-    """A readable, sortable run name ``<workflow>_<YYYYmmdd_HHMMSS>``, or, when resuming, the
-    name kept in ``record`` by the interrupted run, so MLflow continues that run (MONAI's handler
-    reuses an unfinished run of the same name) instead of starting an orphan."""
+    """A readable, sortable run name ``<workflow>_<YYYYmmdd_HHMMSS>_<4 hex>``, or, when resuming,
+    the name kept in ``record`` by the interrupted run, so MLflow continues that run (MONAI's
+    handler reuses an unfinished run of the same name) instead of starting an orphan. The random
+    suffix keeps runs started in the same second (a sweep into one server) apart for that reason."""
     if record and Path(record).is_file():
         return Path(record).read_text().strip()
-    return f"{workflow}_{time.strftime('%Y%m%d_%H%M%S')}"
+    return f"{workflow}_{time.strftime('%Y%m%d_%H%M%S')}_{os.urandom(2).hex()}"
 
 
 def file_digest(path: str | Path, length: int | None = 16) -> str:
@@ -104,19 +105,20 @@ def store_lock(tracking_uri: str | None = None):
 
 
 def open_store(tracking_dir: str | Path, experiment: str = "brain_tumor_mri_seg"):
-    """``(MlflowClient, experiment_id)`` of the store ``<tracking_dir>/mlruns.db``, creating the
-    experiment with its artifacts beside the store (as ``configs/mlflow.json`` does)."""
+    """``(MlflowClient, experiment_id)`` of the store ``<tracking_dir>/mlruns.db``, or of the
+    server ``MLFLOW_TRACKING_URI`` names (as MONAI's handler does), creating the experiment: in a
+    local store with its artifacts beside the store (as ``configs/mlflow.json`` does), on a
+    server where the server keeps them."""
     import mlflow
     from monai.utils import path_to_sqlite_uri
 
     root = Path(tracking_dir).resolve()
-    uri = path_to_sqlite_uri(str(root / "mlruns.db"))
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or path_to_sqlite_uri(str(root / "mlruns.db"))
+    artifacts = (root / "mlruns").as_uri() if uri.startswith("sqlite:") else None
     with store_lock(uri):
         client = mlflow.MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = (
-            found.experiment_id if found else client.create_experiment(experiment, artifact_location=(root / "mlruns").as_uri())
-        )
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifacts)
     return client, experiment_id
 
 
