@@ -1,15 +1,19 @@
-"""Brain tumour segmentation on 2D MRI slices with MONAI.
+"""Brain tumour segmentation on 2D MRI slices with MONAI: the bundle's own code.
 
-Modules (imported on demand, so ``import tumorseg`` stays light):
+This package lives inside the bundle (``<bundle>/scripts/tumorseg``): the bundle's configs reach
+it as ``scripts.tumorseg.*``, and ``pip install -e .`` installs it as ``tumorseg`` for the
+commands. Modules (imported on demand, so ``import tumorseg`` stays light):
 
+- ``tumorseg.bundle``: where the bundle is, its workflows' config files, a parser of them.
 - ``tumorseg.losses``: the poster's combined Dice + focal loss.
 - ``tumorseg.metrics``: per-image and pooled tumour metrics, the poster's metric set.
 - ``tumorseg.handlers``: validation panels and the evaluation report (ignite handlers).
-- ``tumorseg.tracking``: MLflow tracking on top of MONAI's ``MLFlowHandler``.
+- ``tumorseg.tracking``: MLflow tracking on top of MONAI's ``MLFlowHandler``; the registered
+  model, a pyfunc (``tumorseg.pyfunc``) that runs the bundle's inference.
 - ``tumorseg.runs``: the ``tumorseg-runs`` command, to list tracked runs.
 - ``tumorseg.reading``, ``tumorseg.predictor``, ``tumorseg.writing``, ``tumorseg.predict``: new
   scans, read (canonical orientation), predicted and written (the ``tumorseg-predict`` command).
-- ``tumorseg.export``: the bundle exported for MONAI Label (``tumorseg-export``).
+- ``tumorseg.export``: a copy of the bundle, for MONAI Label (``tumorseg-export``).
 """
 
 __version__ = "0.1.0"
