@@ -80,9 +80,9 @@ $(ML_VENV)/.installed:
 	$(ML_VENV)/bin/pip install -q --disable-pip-version-check monai==1.6.1 uvicorn fastapi pydantic pydantic-settings \
 	    python-dotenv python-multipart pyjwt passlib requests requests-toolbelt cachetools schedule timeloop watchdog \
 	    expiring_dict google-auth "dicomweb-client==0.59.3" "pydicom==2.4.4" SimpleITK "jsonschema<4" itk-io pynrrd \
-	    girder-client psutil nibabel scikit-image shapely pillow pyyaml pytorch-ignite==0.5.5 tqdm \
-	    || true  # pip reports monailabel's unmet pins, as expected; pyyaml, ignite, tqdm: the bundle's YAML configs and training
-	$(ML_VENV)/bin/python -c "import monailabel, monai, torch, yaml, ignite, tqdm, scipy, skimage; print('monailabel', monailabel.__version__, 'torch', torch.__version__)"
+	    girder-client psutil nibabel scikit-image shapely pillow pyyaml pytorch-ignite==0.5.5 tqdm fire \
+	    || true  # pip reports monailabel's unmet pins, as expected; pyyaml, ignite, tqdm, fire: the bundle's configs, training, CLI
+	$(ML_VENV)/bin/python -c "import monailabel, monai, torch, yaml, ignite, tqdm, scipy, skimage, fire; print('monailabel', monailabel.__version__, 'torch', torch.__version__)"
 	touch $@
 
 # Export the bundle (configs, weights, docs, scripts/) into the MONAI Label app, then serve it.

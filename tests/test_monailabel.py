@@ -113,16 +113,17 @@ def test_monai_label_infer_equals_the_bundle_inference(tmp_path):
     image = sorted((SAMPLE / "test").glob("*.jpg"))[0]
     studies.mkdir()
     shutil.copy(image, studies / image.name)
-    # the bundle's own inference, run from the export, outside the repository
+    # the bundle's own inference, run from the export, outside the repository, in MONAI Label's
+    # environment, which has no tumorseg installed: the bundle carries its code
     configs = str([str(bundle / "configs" / "common.yaml"), str(bundle / "configs" / "inference.yaml")])
-    check(
-        run_cli(
-            "-m", "monai.bundle", "run", "inference", "--config_file", configs, "--bundle_root", str(bundle),
-            "--input_dir", str(studies), "--output_dir", str(tmp_path / "bundle_out"),
-            cwd=tmp_path,
-        )
-    )  # fmt: skip
-    expected = np.asarray(Image.open(tmp_path / "bundle_out" / f"{image.stem}_seg.png")) > 0
+    command = [str(ML_VENV / "bin" / "python"), "-m", "monai.bundle", "run", "inference", "--config_file", configs,
+               "--bundle_root", str(bundle), "--input_dir", str(studies), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    missing = subprocess.run([str(ML_VENV / "bin" / "python"), "-c", "import tumorseg"], cwd=tmp_path, env=env)
+    assert missing.returncode != 0  # the MONAI Label venv really lacks the package
+    expected = np.asarray(Image.open(tmp_path / "out" / f"{image.stem}_seg.png")) > 0
     assert expected.any()  # a tumour slice: the comparison below means something
 
     with monai_label(app, studies, tmp_path / "server.log") as url:
