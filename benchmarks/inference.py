@@ -1,5 +1,6 @@
 """Inference speed of tumorseg-predict's path: one 256x256 slice and the 197x233x189 MNI152
-volume, with and without flip TTA, on this machine's device.
+volume, with and without flip TTA, the network in eager PyTorch and in ONNX Runtime (the default
+on CPU), on this machine's device.
 
     python benchmarks/inference.py --checkpoint bundles/brain_tumor_mri_seg/models/model.pt
 
@@ -94,17 +95,19 @@ def main() -> None:
     volume = np.asarray(nilearn.datasets.load_mni152_template(resolution=1).dataobj, dtype=np.float32)
     slice_ = np.random.default_rng(0).random((256, 256), dtype=np.float32)
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads: {torch.get_num_threads()}")
-    print(f"{'case':34s} {'TTA':>4s} {'seconds':>9s}")
-    for tta in (False, True):
-        predictor = Predictor.from_bundle(checkpoint=args.checkpoint, tta=tta)
-        t = seconds_per_call(
-            lambda predictor=predictor: predictor.predict_volume(slice_), predictor.device, warmup=1, min_calls=args.repeat
-        )
-        print(f"{'one 256x256 slice':34s} {'on' if tta else 'off':>4s} {t:9.4f}")
-        t = seconds_per_call(
-            lambda predictor=predictor: predictor.predict_volume(volume, axis=2), predictor.device, warmup=1, min_calls=1
-        )
-        print(f"{'MNI152 197x233x189 (189 slices)':34s} {'on' if tta else 'off':>4s} {t:9.2f}")
+    runtimes = ("torch", "onnx") if not torch.cuda.is_available() else ("torch",)
+    print(f"{'case':34s} {'runtime':>8s} {'TTA':>4s} {'seconds':>9s}")
+    for runtime in runtimes:
+        for tta in (False, True):
+            predictor = Predictor.from_bundle(checkpoint=args.checkpoint, tta=tta, overrides={"runtime": runtime})
+            t = seconds_per_call(
+                lambda predictor=predictor: predictor.predict_volume(slice_), predictor.device, warmup=1, min_calls=args.repeat
+            )
+            print(f"{'one 256x256 slice':34s} {runtime:>8s} {'on' if tta else 'off':>4s} {t:9.4f}")
+            t = seconds_per_call(
+                lambda predictor=predictor: predictor.predict_volume(volume, axis=2), predictor.device, warmup=1, min_calls=1
+            )
+            print(f"{'MNI152 197x233x189 (189 slices)':34s} {runtime:>8s} {'on' if tta else 'off':>4s} {t:9.2f}")
 
 
 if __name__ == "__main__":

@@ -48,11 +48,19 @@ class _SameModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def use_bundle_code(bundle: Path) -> None:
-    """Make ``bundle``'s ``scripts.*`` importable, as ``monai.bundle run`` does (its root on
-    ``sys.path``); where its ``scripts/tumorseg`` is this package, as this package."""
+    """Make ``bundle``'s ``scripts.*`` importable, as ``monai.bundle run`` does (its root first on
+    ``sys.path``); where its ``scripts/tumorseg`` is this package, as this package. Another
+    bundle's ``scripts`` modules imported before are unloaded first (as MONAI Label does), so that
+    components never come from a different copy of the code."""
     root = str(Path(bundle).resolve())
-    if root not in sys.path:
-        sys.path.insert(1, root)
+    loaded = sys.modules.get("scripts")
+    where = [Path(p).resolve() for p in getattr(loaded, "__path__", [])]
+    if loaded is not None and where != [Path(root) / "scripts"]:
+        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+            del sys.modules[name]
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)
     imported_as_tumorseg = __package__ != _SameModule.PREFIX  # as scripts.tumorseg itself, there is nothing to join
     if imported_as_tumorseg and (Path(root) / "scripts" / "tumorseg").resolve() == Path(__file__).resolve().parent:
         if not any(isinstance(f, _SameModule) for f in sys.meta_path):

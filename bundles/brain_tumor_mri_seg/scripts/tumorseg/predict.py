@@ -188,6 +188,7 @@ def predict_case(
         "threshold": predictor.threshold,
         "tta": predictor.tta,
         "box_fit": predictor.box_fit,
+        "runtime": predictor.runtime,
         "keep_largest": keep_largest,
         "checkpoint": str(predictor.checkpoint),
         "note": case.note,

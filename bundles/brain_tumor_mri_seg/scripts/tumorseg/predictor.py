@@ -87,7 +87,9 @@ class Predictor:
         min_run: volumes: tumours spanning fewer slices are cleared (:func:`drop_short_tumours`).
         threshold, tta, box_fit: recorded in each case's summary.
         batch_size: slices of a volume run through the network together.
-        image_size: the network's input size, checked here (the preprocessing and inferer use it).
+        image_size: the network's input size (the preprocessing and inferer use it).
+        runtime: ``"onnx"``: the network runs in ONNX Runtime (:mod:`tumorseg.onnx_runtime`),
+            ``"torch"``: eager PyTorch, ``"auto"``: ONNX Runtime on a CPU where it is installed.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class Predictor:
         pred_key: str = "pred",
         batch_size: int = 8,
         image_size: int | None = None,
+        runtime: str = "torch",
     ):
         from .transforms import PresenceGate
 
@@ -125,6 +128,19 @@ class Predictor:
         self.network = network.eval()
         load_weights(self.network, self.checkpoint, self.device)
         self.batch_size = batch_size
+        if runtime not in ("auto", "onnx", "torch"):
+            raise InputError(f"bundle config: runtime must be auto, onnx or torch, not {runtime!r}")
+        if runtime == "auto":
+            from . import onnx_runtime
+
+            runtime = "onnx" if self.device.type == "cpu" and onnx_runtime.available() else "torch"
+        if runtime == "onnx":
+            from .onnx_runtime import OnnxNetwork
+
+            if image_size is None:
+                raise InputError("bundle config: the ONNX runtime needs the network's image_size")
+            self.network = OnnxNetwork(self.network, int(image_size))
+        self.runtime = runtime
 
     @classmethod
     def from_bundle(
@@ -149,10 +165,10 @@ class Predictor:
             return parser.get_parsed_content("predictor")
         except RuntimeError as e:  # MONAI wraps what the component raised
             cause = e.__cause__ or e.__context__
-            while cause is not None and not isinstance(cause, InputError) and (cause.__cause__ or cause.__context__):
+            while cause is not None and type(cause).__name__ != "InputError":
                 cause = cause.__cause__ or cause.__context__
-            if isinstance(cause, InputError):
-                raise cause from None
+            if cause is not None:  # ours, whichever copy of the code raised it
+                raise InputError(str(cause)) from None
             raise InputError(f"bundle config: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}") from None
         except (ValueError, TypeError, KeyError) as e:
             raise InputError(f"bundle config: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}") from None
