@@ -183,6 +183,8 @@ class MLflowTracker(MLFlowHandler):
             rate of each parameter group (``lr_group_<i>``), with the epoch as step.
         metric_prefixes: metric name prefixes to replace, e.g. ``{"val_": "eval_"}`` for an
             evaluation, whose validator metrics are not a validation during training.
+        engine_params: log MONAI's default parameters of the engine (``max_epochs``,
+            ``epoch_length``): a training's; an evaluation's (1 epoch) would only mislead.
         source_checkpoint: for evaluation runs, the checkpoint being evaluated.
         run_record: file to keep the run's name in, for :func:`run_name` when resuming.
         kwargs: everything ``monai.handlers.MLFlowHandler`` takes.
@@ -197,6 +199,7 @@ class MLflowTracker(MLFlowHandler):
         model_config: dict | None = None,
         epoch_loss: bool = False,
         metric_prefixes: dict | None = None,
+        engine_params: bool = True,
         source_checkpoint: str | None = None,
         run_record: str | None = None,
         **kwargs,
@@ -212,6 +215,8 @@ class MLflowTracker(MLFlowHandler):
         self.model_config = dict(model_config or {})
         self.epoch_loss, self._losses = epoch_loss, []
         self.metric_prefixes = dict(metric_prefixes or {})
+        if not engine_params:
+            self.default_tracking_params = []
         self.source_checkpoint = source_checkpoint
         self.artifacts = tuple(_joined(a) if isinstance(a, str) else a for a in self.artifacts)
 
