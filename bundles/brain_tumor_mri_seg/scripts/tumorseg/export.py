@@ -61,9 +61,9 @@ def _files(root: Path) -> dict[str, str]:
     }
 
 
-def _weights(path: Path, network) -> tuple[object, dict]:
+def _weights(path: Path, network=None) -> tuple[object, dict]:
     """What ``torch.load(path, weights_only=True)`` gives, and the state dict in it, after checking
-    that the state dict loads into ``network``: a file of the wrong kind or of another
+    that the state dict loads into ``network`` (when given): a file of the wrong kind or of another
     architecture would otherwise be exported and only fail later, inside MONAI Label. A training
     checkpoint (``{"model": state_dict, "optimizer": ...}``, as in ``models/last``) gives its model."""
     import torch
@@ -82,7 +82,8 @@ def _weights(path: Path, network) -> tuple[object, dict]:
     if not isinstance(state, dict):
         raise ExportError(path, f"not a state dict (a {type(state).__name__})")
     try:
-        network.load_state_dict(state)
+        if network is not None:
+            network.load_state_dict(state)
     except RuntimeError as e:
         detail = " ".join(str(e).split())
         raise ExportError(
@@ -114,11 +115,11 @@ def _previous_export(target: Path) -> dict[str, str] | None:
     return dict(files)
 
 
-def _write_bundle(stage: Path, bundle: Path, checkpoint: Path, weights: tuple) -> None:
-    """The bundle copied into ``stage`` (which must not exist yet), with the weights ``_weights``
-    gave as ``models/model.pt``."""
+def write_bundle(stage: Path, bundle: Path, checkpoint: Path, weights: tuple | None = None) -> None:
+    """The bundle copied into ``stage`` (which must not exist yet), with the weights of
+    ``checkpoint`` as ``models/model.pt`` (``weights``: what ``_weights`` gave for it, if at hand)."""
+    loaded, state = weights or _weights(checkpoint)
     shutil.copytree(bundle, stage, ignore=LEFT_OUT)
-    loaded, state = weights
     target = stage / "models" / "model.pt"
     target.parent.mkdir(exist_ok=True)
     if loaded is state:
@@ -206,7 +207,7 @@ def export(
     zip_path, zip_tmp = out / f"{bundle.name}.zip", out / f".{bundle.name}.zip.tmp-{token}"
     swapped = False
     try:
-        _write_bundle(stage, bundle, checkpoint, weights)  # not mkdtemp: its 0700 mode would stay on the export
+        write_bundle(stage, bundle, checkpoint, weights)  # not mkdtemp: its 0700 mode would stay on the export
         _verify(stage, network)
         own = _files(stage)
         kept, conflicts = _carry_over(target, stage, manifest, own) if manifest is not None else ([], [])

@@ -220,6 +220,18 @@ def predict_cases(predictor, cases: list[Path], output, stems: dict | None = Non
     return failed
 
 
+def output_plan(cases: list[Path], output_dir: str | Path | None) -> tuple[set[Path], dict[str, str]]:
+    """What an output folder must never overwrite (the cases, and the files of series folders),
+    and a unique output stem per case (keyed by ``str(path)``) that avoids the inputs lying inside
+    ``output_dir``."""
+    protected = set(cases) | {f for c in cases if c.is_dir() for f in c.iterdir()}
+    inside = set()
+    if output_dir is not None:
+        root = Path(output_dir).resolve()
+        inside = {p.resolve().relative_to(root).as_posix() for p in protected if p.resolve().is_relative_to(root)}
+    return protected, dict(zip(map(str, cases), output_stems(cases, inside)))
+
+
 def inference_inputs(input_dir: str | Path, output_dir: str | Path | None = None) -> dict:
     """The cases the bundle's ``inference.yaml`` predicts from ``input_dir`` (as ``find_cases``):
     ``slices`` (PNG/JPG paths that decode, for MONAI's evaluator), ``volumes`` (NIfTI/DICOM cases,
@@ -234,15 +246,12 @@ def inference_inputs(input_dir: str | Path, output_dir: str | Path | None = None
     is_slice = [c.is_file() and c.name.lower().endswith(SLICE_SUFFIXES) for c in cases]
     slices = [str(c) for c, s in zip(cases, is_slice) if s]
     readable = readable_slices(slices)
-    taken = set()
-    if output_dir is not None and Path(output_dir).exists():
-        root = Path(output_dir).resolve()
-        taken = {c.resolve().relative_to(root).as_posix() for c in cases if c.resolve().is_relative_to(root)}
+    protected, stems = output_plan(cases, output_dir)
     return {
         "slices": readable,
         "volumes": [c for c, s in zip(cases, is_slice) if not s],
-        "stems": dict(zip(map(str, cases), output_stems(cases, taken))),
-        "protected": set(cases) | {f for c in cases if c.is_dir() for f in c.iterdir()},
+        "stems": stems,
+        "protected": protected,
         "failed": len(errors) + len(slices) - len(readable),
         "found": len(cases) + len(errors),
     }
@@ -311,11 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"error: {show(e)}", file=sys.stderr)
         return 2
-    protected = set(cases) | {f for c in cases if c.is_dir() for f in c.iterdir()}
+    protected, stems = output_plan(cases, args.output)
     folder = OutputFolder(args.output, protected)
-    root = args.output.resolve()
-    inside = {p.resolve().relative_to(root).as_posix() for p in protected if p.resolve().is_relative_to(root)}
-    stems = dict(zip(map(str, cases), output_stems(cases, inside)))
     failed = predict_cases(predictor, cases, folder, stems, args.axis, args.keep_largest, progress=not args.no_progress)
     print(f"{len(cases) - failed} of {len(cases) + len(errors)} inputs predicted into {args.output}")
     return 1 if failed or errors else 0

@@ -309,7 +309,7 @@ def log_bundle_model(
     validation metrics and its data digest as tags, and, where the weights are the bundle's
     shipped ``models/model.pt``, the alias ``shipped``. Tags the run with the checkpoint's SHA-256.
     Returns the registered version (None when not registered)."""
-    import shutil
+    import importlib.metadata
     import tempfile
 
     import mlflow
@@ -319,7 +319,7 @@ def log_bundle_model(
     from mlflow.types import Schema, TensorSpec
 
     from .bundle import BUNDLE
-    from .export import LEFT_OUT
+    from .export import write_bundle
 
     bundle = Path(bundle or BUNDLE)
     digest = file_digest(checkpoint, None)
@@ -327,8 +327,6 @@ def log_bundle_model(
     slices = TensorSpec(np.dtype(np.float32), (-1, 1, -1, -1))  # one unnamed tensor: predict gets the array
     masks = TensorSpec(np.dtype(np.uint8), (-1, 1, -1, -1))
     versions = {"torch": torch.__version__.split("+")[0]}
-    import importlib.metadata
-
     pins = [f"{name}=={versions.get(name) or importlib.metadata.version(name)}" for name in MODEL_REQUIREMENTS]
     # the fluent API needs the global URI, which mlflow also puts into the environment (where
     # MONAI's handler would read it): restore both afterwards, unset if they were unset
@@ -337,11 +335,7 @@ def log_bundle_model(
     try:
         with tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / bundle.name
-            shutil.copytree(bundle, copy, ignore=LEFT_OUT)
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            state = state["model"] if isinstance(state, dict) and isinstance(state.get("model"), dict) else state
-            (copy / "models").mkdir(exist_ok=True)
-            torch.save(state, copy / "models" / "model.pt")
+            write_bundle(copy, bundle, Path(checkpoint))
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
                     name="model",
