@@ -34,6 +34,8 @@ RECIPES = {  # name: override files, applied in order on train.yaml
     "negatives_refine": ["restart", "negatives", "negatives_refine"],  # its second stage (--set init_weights=...)
     "negatives_with_mirrors": ["restart", "negatives"],  # the first try: mirrored Kaggle slices trained on too
     "fast_cpu": ["fast_cpu"],  # time to Dice on 2 CPU cores (192 px, one-cycle, 22 epochs)
+    "per_image_dice": ["per_image_dice"],  # the poster's Dice per image, not per batch
+    "fast_cpu_per_image_dice": ["fast_cpu", "per_image_dice"],
 }
 
 
@@ -46,7 +48,7 @@ def main() -> None:
     ap.add_argument("--dataset_dir", required=True)
     ap.add_argument("--out", type=Path, default=Path("runs/recipes"))
     ap.add_argument("--recipes", default=",".join(RECIPES))
-    ap.add_argument("--max_epochs", type=int, default=50)
+    ap.add_argument("--max_epochs", type=int, default=None, help="override every recipe's own max_epochs")
     ap.add_argument("--deadline_s", type=float, default=None, help="stop runs still going after this many seconds")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra bundle override for every run")
     args = ap.parse_args()
@@ -59,7 +61,9 @@ def main() -> None:
     for name in names:
         run_dir = (args.out / name).resolve()
         run_dir.mkdir(parents=True, exist_ok=True)
-        overrides = {"max_epochs": str(args.max_epochs), "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "eval")}
+        overrides = {"ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "eval")}
+        if args.max_epochs is not None:
+            overrides["max_epochs"] = str(args.max_epochs)
         overrides.update(kv.split("=", 1) for kv in args.set)
         cmd = [
             sys.executable,
@@ -112,7 +116,7 @@ def main() -> None:
             returncode=p.returncode,
             wall_s=round(time.time() - t0, 1),
             epochs_done=len(epochs),
-            completed=p.returncode == 0 and len(epochs) == args.max_epochs,
+            completed=p.returncode == 0,
         )
         (run_dir / "recipe.json").write_text(json.dumps(record, indent=1))
         summary[name] = {

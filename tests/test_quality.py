@@ -34,6 +34,29 @@ def test_flip_tta_inferer_averages_flipped_views_and_switches_off():
         FlipTTAInferer(flips=[])
 
 
+def test_cpu_autocast_inferer_runs_in_bf16_and_returns_float32():
+    from monai.inferers import SimpleInferer
+    from monai.networks.nets import UNet
+
+    from tumorseg.inferers import CPUAutocastInferer, cpu_bf16_supported
+
+    torch.manual_seed(0)
+    net = UNet(2, 1, 1, (4, 8), (2,), num_res_units=1).eval()
+    x = torch.rand(2, 1, 32, 32)
+    seen = []
+    net.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.no_grad():
+        fp32 = SimpleInferer()(x, net)
+        on = CPUAutocastInferer(SimpleInferer(), enabled=True)(x, net)
+        off = CPUAutocastInferer(enabled="false")(x, net)
+    assert seen == [torch.float32, torch.bfloat16, torch.float32]  # the network ran in bf16 only when on
+    assert on.dtype == torch.float32 and torch.allclose(on, fp32, atol=0.05)  # bf16 has 8 bits of mantissa
+    assert torch.equal(off, fp32)
+    assert CPUAutocastInferer(enabled="auto").enabled == cpu_bf16_supported()
+    with pytest.raises(ValueError, match="auto"):
+        CPUAutocastInferer(enabled="sometimes")
+
+
 def test_expected_dice_box_returns_one_rectangle_or_nothing():
     from tumorseg.transforms import ExpectedDiceBox, ExpectedDiceBoxd
 
