@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -213,8 +214,21 @@ def main() -> None:
     ap.add_argument("--image_size", type=int, default=256)
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--num_workers", type=int, default=0)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="ID=VALUE",
+        help="config override, VALUE read as JSON where it parses (e.g. train#trainer#decollate=true)",
+    )
     args = ap.parse_args()
     overrides = {"image_size": args.image_size, "batch_size": args.batch_size, "num_workers": args.num_workers}
+    for kv in args.set:
+        key, value = kv.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dataset_dir = dataset_or_sample(args.dataset_dir, tmp)
@@ -228,6 +242,8 @@ def main() -> None:
         f"{args.image_size}x{args.image_size}, batch {args.batch_size}, {args.warmup_epochs} warm-up + {args.epochs} timed epochs"
     )
     print(f"{'what':52s} {'images/s':>9s} {'ratio':>6s}  note")
+    if args.set:
+        print("overrides:", ", ".join(args.set))
     for r in rows:
         print(f"{r.what:52s} {r.value:9.1f} {r.ratio:6.2f}  {r.note}")
 

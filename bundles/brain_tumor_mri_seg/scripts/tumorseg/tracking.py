@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
@@ -262,14 +263,19 @@ class MLflowTracker(MLFlowHandler):
             from ignite.engine import Events
 
             def keep_loss(e: Engine) -> None:
-                self._losses.append(float(self.output_transform(e.state.output)))
+                loss = self.output_transform(e.state.output)
+                if isinstance(loss, (tuple, list)):  # from_engine on a batch the trainer did not decollate
+                    loss = loss[0]
+                # kept as it is (on the GPU during GPU training): a float() here would wait for
+                # the GPU at every iteration; the epoch's mean is read once, at its end
+                self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
 
             engine.add_event_handler(Events.ITERATION_COMPLETED, keep_loss)
 
     def epoch_completed(self, engine: Engine) -> None:
         super().epoch_completed(engine)
         if self.epoch_loss and self._losses and self.cur_run is not None:
-            metrics = {self.tag_name: sum(self._losses) / len(self._losses)}
+            metrics = {self.tag_name: float(sum(self._losses)) / len(self._losses)}
             optimizer = getattr(engine, "optimizer", None)  # the learning rate the epoch ended with
             for i, group in enumerate(optimizer.param_groups if optimizer is not None else []):
                 metrics[f"lr_group_{i}"] = float(group["lr"])
