@@ -81,7 +81,54 @@ def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: 
     return rows
 
 
+def compute_limit(predictor, volume, matmul_size: int = 2048) -> tuple[int, float, float]:
+    """What the volume costs at the very least on this machine: the network inputs it really
+    runs (slices without foreground are skipped; flip TTA runs 4 views of each) times the
+    forward FLOPs of one input (``FlopCounterMode`` on the eager network), over the FLOP/s of a
+    large float32 matmul on this device (the best this machine does on dense arithmetic).
+    Returns (inputs run, GFLOP per input, the limit in seconds)."""
+    from common import seconds_per_call
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tumorseg.predictor import Predictor
+
+    eager = Predictor.from_bundle(checkpoint=predictor.checkpoint, tta=predictor.tta, overrides={"runtime": "torch"})
+    inputs, shapes = [0], []
+
+    def count(_module, args, _out):
+        inputs[0] += args[0].shape[0]
+        shapes.append(tuple(args[0].shape[1:]))
+
+    hook = eager.network.register_forward_hook(count)
+    with torch.no_grad():
+        eager.predict_volume(volume, axis=2)
+    hook.remove()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        eager.network(torch.zeros(1, *shapes[0], device=eager.device))
+    per_input = counter.get_total_flops()
+    a = torch.randn(matmul_size, matmul_size, device=eager.device)
+    flops_per_s = 2 * matmul_size**3 / seconds_per_call(lambda: a @ a, eager.device, warmup=2, min_calls=5, min_seconds=1.0)
+    return inputs[0], per_input / 1e9, inputs[0] * per_input / flops_per_s
+
+
+def command_seconds(volume_path: Path, tta: bool, out: Path) -> float:
+    """Wall time of the whole ``tumorseg-predict`` command on the volume file: start-up (imports,
+    the bundle config, the weights, the cached ONNX graph), reading, predicting, writing."""
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "tumorseg.predict", str(volume_path), "-o", str(out), "--tta" if tta else "--no-tta"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - start
+
+
 def main() -> None:
+    import tempfile
+
     from common import seconds_per_call
 
     from tumorseg.predictor import Predictor
@@ -92,14 +139,22 @@ def main() -> None:
     args = ap.parse_args()
     import nilearn.datasets
 
-    volume = np.asarray(nilearn.datasets.load_mni152_template(resolution=1).dataobj, dtype=np.float32)
+    template = nilearn.datasets.load_mni152_template(resolution=1)
+    volume = np.asarray(template.dataobj, dtype=np.float32)
     slice_ = np.random.default_rng(0).random((256, 256), dtype=np.float32)
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads: {torch.get_num_threads()}")
     runtimes = ("torch", "onnx") if not torch.cuda.is_available() else ("torch",)
-    print(f"{'case':34s} {'runtime':>8s} {'TTA':>4s} {'seconds':>9s}")
+    limits = {}
+
+    def row(case: str, runtime: str, tta: bool, seconds: float) -> None:
+        print(f"{case:34s} {runtime:>8s} {'on' if tta else 'off':>4s} {seconds:9.2f}  {seconds / limits[tta][2]:.2f}")
+
+    print(f"{'case':34s} {'runtime':>8s} {'TTA':>4s} {'seconds':>9s}  ÷ compute limit")
     for runtime in runtimes:
         for tta in (False, True):
             predictor = Predictor.from_bundle(checkpoint=args.checkpoint, tta=tta, overrides={"runtime": runtime})
+            if tta not in limits:
+                limits[tta] = compute_limit(predictor, volume)
             t = seconds_per_call(
                 lambda predictor=predictor: predictor.predict_volume(slice_), predictor.device, warmup=1, min_calls=args.repeat
             )
@@ -107,7 +162,18 @@ def main() -> None:
             t = seconds_per_call(
                 lambda predictor=predictor: predictor.predict_volume(volume, axis=2), predictor.device, warmup=1, min_calls=1
             )
-            print(f"{'MNI152 197x233x189 (189 slices)':34s} {runtime:>8s} {'on' if tta else 'off':>4s} {t:9.2f}")
+            row("MNI152 197x233x189 (189 slices)", runtime, tta, t)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "mni152.nii.gz"
+        template.to_filename(path)
+        for tta in (False, True):
+            t = command_seconds(path, tta, Path(tmp) / f"out_{tta}")
+            row("tumorseg-predict mni152.nii.gz", "auto", tta, t)
+    for tta, (inputs, gflop, limit) in limits.items():
+        print(
+            f"compute limit, TTA {'on' if tta else 'off'}: {inputs} network inputs x {gflop:.2f} GFLOP "
+            f"at this machine's float32 matmul rate = {limit:.2f} s"
+        )
 
 
 if __name__ == "__main__":
