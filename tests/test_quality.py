@@ -57,6 +57,34 @@ def test_cpu_autocast_inferer_runs_in_bf16_and_returns_float32():
         CPUAutocastInferer(enabled="sometimes")
 
 
+def test_low_resolution_epochs_shrink_the_first_epochs_only_also_on_resume():
+    from ignite.engine import Engine
+    from monai.data import CacheDataset, DataLoader
+    from monai.transforms import Compose, RandFlipd, Resized
+
+    from tumorseg.handlers import LowResolutionEpochs
+
+    data = [{"image": torch.rand(1, 16, 16), "label": torch.zeros(1, 16, 16)} for _ in range(4)]
+    compose = Compose([RandFlipd(["image", "label"], prob=0.5)])
+    loader = DataLoader(CacheDataset(data, compose, progress=False), batch_size=2, num_workers=1)
+    shrink = Resized(["image", "label"], spatial_size=(8, 8), mode=["bilinear", "nearest"])
+
+    def sizes(resume_after: int = 0) -> dict:
+        seen = {}
+        engine = Engine(lambda e, batch: seen.setdefault(e.state.epoch, set()).add(tuple(batch["image"].shape[2:])))
+        LowResolutionEpochs(compose, shrink, epochs=2).attach(engine)
+        if resume_after:  # as CheckpointLoader restores the trainer's state
+            engine.load_state_dict({"epoch": resume_after, "max_epochs": 4, "epoch_length": 2})
+        engine.run(loader, max_epochs=4)
+        return seen
+
+    assert sizes() == {1: {(8, 8)}, 2: {(8, 8)}, 3: {(16, 16)}, 4: {(16, 16)}}
+    assert shrink not in compose.transforms  # left at full size after training
+    assert sizes(resume_after=1) == {2: {(8, 8)}, 3: {(16, 16)}, 4: {(16, 16)}}
+    with pytest.raises(ValueError, match="epochs"):
+        LowResolutionEpochs(compose, shrink, epochs=-1)
+
+
 def test_expected_dice_box_returns_one_rectangle_or_nothing():
     from tumorseg.transforms import ExpectedDiceBox, ExpectedDiceBoxd
 
