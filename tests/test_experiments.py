@@ -84,3 +84,23 @@ def test_postprocessing_table_is_one_mlflow_run_nested_under_the_weights_trainin
     dice = run.data.metrics["tta_expected_dice_box.dice"]
     assert 0.0 < dice <= 1.0 and f"{dice:.4f}" in result.stdout  # the table printed is the one logged
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"postprocessing.md", "postprocessing.json"}
+
+
+def test_every_recipe_builds_its_trainer_and_run_parameters(converted_sample):
+    """Each recipe of experiments/recipes.py, as its configs layer on train.yaml: the trainer and
+    every run parameter MLflow logs resolve (a typo in an override file fails here, not after
+    the start of a long run)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from recipes import RECIPES, config_files
+
+    from tumorseg.bundle import parser as bundle_parser
+
+    for recipe in RECIPES:
+        parser = bundle_parser("train", BUNDLE)
+        parser.read_config([str(REPO / f) for f in config_files(recipe)])
+        parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(converted_sample), "cache_rate": 0.0, "num_workers": 0})
+        params = parser.get_parsed_content("run_params")
+        assert params["max_epochs"] > 0 and params["image_size"] > 0, recipe
+        assert parser.get_parsed_content("train#trainer") is not None, recipe
