@@ -59,8 +59,14 @@ QUICK = dict(
 )
 
 
+SECTIONS = ("training", "FLOP/s", "inference", "export", "tuning")
+WANTED = set(SECTIONS)  # --sections narrows it
+
+
 def section(name: str, rows: list[Row], fn) -> None:
     """Run one section; a failure becomes a row (with the traceback on stderr) so the rest still runs."""
+    if name not in WANTED:
+        return
     print(f"[run_all] {name} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     before = len(rows)
@@ -97,7 +103,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="timed epochs after one warm-up epoch; default 3 (2 with --quick)")
     ap.add_argument("--num_workers", type=int, default=0)
     ap.add_argument("--skip_compile", action="store_true", help="no torch.compile row (compiling takes minutes)")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     args = ap.parse_args()
+    unknown = set(args.sections.split(",")) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    WANTED.intersection_update(args.sections.split(","))
     cfg = dict(QUICK if args.quick else FULL)
     cfg.update({k: v for k, v in (("image_size", args.image_size), ("epochs", args.epochs)) if v is not None})
     if args.skip_compile:
