@@ -86,13 +86,14 @@ def compute_limit(predictor, volume, matmul_size: int = 2048) -> tuple[int, floa
     runs (slices without foreground are skipped; flip TTA runs 4 views of each) times the
     forward FLOPs of one input (``FlopCounterMode`` on the eager network), over the FLOP/s of a
     large float32 matmul on this device (the best this machine does on dense arithmetic).
+    ``predictor`` must run eager PyTorch (the FLOPs are counted on its network).
     Returns (inputs run, GFLOP per input, the limit in seconds)."""
     from common import seconds_per_call
     from torch.utils.flop_counter import FlopCounterMode
 
-    from tumorseg.predictor import Predictor
-
-    eager = Predictor.from_bundle(checkpoint=predictor.checkpoint, tta=predictor.tta, overrides={"runtime": "torch"})
+    if predictor.runtime != "torch":
+        raise ValueError("compute_limit counts FLOPs on an eager PyTorch predictor")
+    eager = predictor
     inputs, shapes = [0], []
 
     def count(_module, args, _out):
@@ -153,7 +154,7 @@ def main() -> None:
     for runtime in runtimes:
         for tta in (False, True):
             predictor = Predictor.from_bundle(checkpoint=args.checkpoint, tta=tta, overrides={"runtime": runtime})
-            if tta not in limits:
+            if tta not in limits:  # runtimes[0] is torch: its network is the one to count FLOPs on
                 limits[tta] = compute_limit(predictor, volume)
             t = seconds_per_call(
                 lambda predictor=predictor: predictor.predict_volume(slice_), predictor.device, warmup=1, min_calls=args.repeat
