@@ -28,6 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
 RESULTS = REPO / "experiments" / "results"
+RECIPE_COMPARISON = "h100-2026-11-26"  # the 40-epoch recipes drawn in training_curves.svg, with the runs that continued them
 FIGURES = BUNDLE / "docs" / "figures"
 SETTINGS = {  # name: (tta, box_fit); the last is the evaluate/inference default
     "threshold": (False, False),
@@ -185,6 +186,8 @@ def main() -> None:
     for metrics in sorted(RESULTS.glob("*/*/metrics.jsonl")):
         # a run that continued another (configs/experiments/restart.yaml) is drawn after its epochs
         offset = json.loads((metrics.parent / "recipe.json").read_text()).get("continues_epochs", 0)
+        if metrics.parent.parent.name != RECIPE_COMPARISON and not offset:
+            continue  # screens and time-to-Dice runs: their own tables (docs/README.md, benchmarks/README.md)
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         runs[metrics.parent.name] = [{**r, "epoch": r["epoch"] + offset} for r in rows]
     FIGURES.mkdir(parents=True, exist_ok=True)
