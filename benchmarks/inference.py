@@ -81,13 +81,13 @@ def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: 
     return rows
 
 
-def compute_limit(predictor, volume, matmul_size: int = 2048) -> tuple[int, float, float]:
+def compute_limit(predictor, volume, matmul_size: int = 2048) -> tuple[int, float, float, str]:
     """What the volume costs at the very least on this machine: the network inputs it really
     runs (slices without foreground are skipped; flip TTA runs 4 views of each) times the
     forward FLOPs of one input (``FlopCounterMode`` on the eager network), over the FLOP/s of a
     large float32 matmul on this device (the best this machine does on dense arithmetic).
     ``predictor`` must run eager PyTorch (the FLOPs are counted on its network).
-    Returns (inputs run, GFLOP per input, the limit in seconds)."""
+    Returns (inputs run, GFLOP per input, the limit in seconds, the input size)."""
     from common import seconds_per_call
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -109,7 +109,7 @@ def compute_limit(predictor, volume, matmul_size: int = 2048) -> tuple[int, floa
     per_input = counter.get_total_flops()
     a = torch.randn(matmul_size, matmul_size, device=eager.device)
     flops_per_s = 2 * matmul_size**3 / seconds_per_call(lambda: a @ a, eager.device, warmup=2, min_calls=5, min_seconds=1.0)
-    return inputs[0], per_input / 1e9, inputs[0] * per_input / flops_per_s
+    return inputs[0], per_input / 1e9, inputs[0] * per_input / flops_per_s, "x".join(map(str, shapes[0][1:]))
 
 
 def command_seconds(volume_path: Path, tta: bool, out: Path) -> float:
@@ -170,9 +170,9 @@ def main() -> None:
         for tta in (False, True):
             t = command_seconds(path, tta, Path(tmp) / f"out_{tta}")
             row("tumorseg-predict mni152.nii.gz", "auto", tta, t)
-    for tta, (inputs, gflop, limit) in limits.items():
+    for tta, (inputs, gflop, limit, size) in limits.items():
         print(
-            f"compute limit, TTA {'on' if tta else 'off'}: {inputs} network inputs x {gflop:.2f} GFLOP "
+            f"compute limit, TTA {'on' if tta else 'off'}: {inputs} network inputs ({size}) x {gflop:.2f} GFLOP "
             f"at this machine's float32 matmul rate = {limit:.2f} s"
         )
 

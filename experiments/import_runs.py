@@ -59,6 +59,9 @@ def main() -> None:
 
     for run_dir in sorted(p.parent for p in args.results.glob("*/recipe.json")):
         record = json.loads((run_dir / "recipe.json").read_text())
+        if record.get("overrides", {}).get("tracking"):
+            print(f"{run_dir.name}: tracked in MLflow while it trained, nothing to import")
+            continue
         name = f"train_{record['recipe']}_{args.results.name}"
         if client.search_runs([experiment_id], f"attributes.run_name = '{name}'"):
             print(f"{name}: already imported")
