@@ -104,3 +104,27 @@ def test_every_recipe_builds_its_trainer_and_run_parameters(converted_sample):
         params = parser.get_parsed_content("run_params")
         assert params["max_epochs"] > 0 and params["image_size"] > 0, recipe
         assert parser.get_parsed_content("train#trainer") is not None, recipe
+
+
+def test_training_runs_at_train_size_and_validation_at_image_size(converted_sample):
+    """Train small, run larger: ``train_size`` resizes only the training slices (before the
+    augmentation, so the cached step does it once); validation keeps ``image_size``, the size the
+    weights are run at. By default both are the same."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from recipes import config_files
+
+    from tumorseg.bundle import parser as bundle_parser
+
+    def sizes(recipe: str, **overrides) -> tuple:
+        parser = bundle_parser("train", BUNDLE)
+        parser.read_config([str(REPO / f) for f in config_files(recipe)])
+        parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(converted_sample), "num_workers": 0, **overrides})
+        train = parser.get_parsed_content("train#dataset")[0]["image"]
+        validate = parser.get_parsed_content("validate#dataset")[0]["image"]
+        return max(train.shape[1:]), max(validate.shape[1:]), parser.get_parsed_content("run_params")["train_size"]
+
+    assert sizes("default", image_size=64) == (64, 64, 64)
+    assert sizes("default", image_size=64, train_size=48) == (48, 64, 48)
+    assert sizes("fast_cpu") == (192, 224, 192)  # the fast CPU recipe's pair
