@@ -39,9 +39,9 @@ def first_reaching(epochs: list[dict], target: float) -> dict | None:
     return next((e for e in epochs if e.get("val_mean_dice", -1) >= target), None)
 
 
-def evaluate(recipe: str, run_dir: Path, dataset_dir: Path, tracking: bool, image_size: str | None) -> tuple[float | None, float]:
-    """The validation Dice of the run's best weights through evaluate.yaml (its defaults), and
-    the seconds it took."""
+def evaluate(recipe: str, run_dir: Path, dataset_dir: Path, tracking: bool, overrides: dict) -> tuple[float | None, float]:
+    """The validation Dice of the run's best weights through evaluate.yaml (its defaults) with the
+    recipe's own files and the same ``--set`` overrides as its training, and the seconds it took."""
     from recipes import BUNDLE, config_files
 
     cmd = [
@@ -53,8 +53,8 @@ def evaluate(recipe: str, run_dir: Path, dataset_dir: Path, tracking: bool, imag
         "--checkpoint", str(run_dir / "models" / "model.pt"),
         "--output_dir", str(run_dir / "evaluate"),
     ]  # fmt: skip
-    if image_size:
-        cmd += ["--image_size", image_size]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value]
     if tracking:
         cmd += ["--tracking", "configs/mlflow.json"]
     start = time.time()
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra bundle override for every run")
     args = ap.parse_args()
     sets = list(args.set) + (["tracking=configs/mlflow.json"] if args.tracking else [])
-    image_size = dict(kv.split("=", 1) for kv in args.set).get("image_size")
+    overrides = dict(kv.split("=", 1) for kv in args.set)
 
     import platform
 
@@ -104,7 +104,7 @@ def main() -> None:
         metrics = run_dir / "eval" / "metrics.jsonl"
         epochs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
         record = json.loads((run_dir / "recipe.json").read_text())
-        dice, eval_s = evaluate(recipe, run_dir, args.dataset_dir.resolve(), args.tracking, image_size)
+        dice, eval_s = evaluate(recipe, run_dir, args.dataset_dir.resolve(), args.tracking, overrides)
         row = {"recipe": recipe, "epochs": len(epochs), "completed": record.get("completed"), "train_wall_s": round(train_s),
                "evaluate_s": round(eval_s), "evaluate_dice": dice,
                "best_val_dice": max((e.get("val_mean_dice", -1) for e in epochs), default=None)}  # fmt: skip

@@ -35,11 +35,31 @@ RECIPES = {  # name: override files, applied in order on train.yaml
     "negatives_with_mirrors": ["restart", "negatives"],  # the first try: mirrored Kaggle slices trained on too
     "fast_cpu": ["fast_cpu"],  # time to Dice on 2 CPU cores (per-image Dice, bf16, one-cycle, 20 epochs at 128 px + 24 at 192)
     "per_image_dice": ["per_image_dice"],  # the poster's Dice per image, not per batch
+    # per_image_dice weights (--set init_weights=...) fine-tuned with the healthy negatives in one stage
+    "per_image_negatives": ["restart", "negatives", "per_image_dice"],
 }
 
 
 def config_files(recipe: str) -> list[str]:
     return TRAIN + [f"configs/experiments/{name}.yaml" for name in RECIPES[recipe]]
+
+
+def mark_killed(run_dir: Path, overrides: dict[str, str]) -> None:
+    """A run stopped at the deadline never reaches its own end, so its MLflow run would stay
+    RUNNING: end it as KILLED (its metrics and best checkpoint so far stay logged)."""
+    record = run_dir / "models" / "last" / "mlflow_run_name"  # the tracker's run_record
+    if "tracking" not in overrides or not record.is_file():
+        return
+    from mlflow import MlflowClient
+
+    store = (REPO / overrides.get("tracking_dir", "mlflow")).resolve() / "mlruns.db"
+    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store}")
+    name = record.read_text().strip()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for run in client.search_runs(experiments, filter_string=f"attributes.run_name = '{name}'"):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+            print(f"MLflow run {name} ended as KILLED", flush=True)
 
 
 def main() -> None:
@@ -99,6 +119,8 @@ def main() -> None:
                 if p.poll() is None:
                     print(f"deadline: stopping {name}", flush=True)
                     p.kill()
+                    p.wait()
+                    mark_killed(procs[name][2], procs[name][1]["overrides"])
             break
         time.sleep(2)
     summary = {}

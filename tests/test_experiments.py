@@ -128,3 +128,30 @@ def test_training_runs_at_train_size_and_validation_at_image_size(converted_samp
     assert sizes("default", image_size=64) == (64, 64, 64)
     assert sizes("default", image_size=64, train_size=48) == (48, 64, 48)
     assert sizes("fast_cpu") == (192, 224, 192)  # the fast CPU recipe's pair
+
+
+def test_a_run_stopped_at_the_deadline_ends_killed_in_mlflow(tmp_path, monkeypatch):
+    """experiments/recipes.py stops a run still going at --deadline_s with SIGKILL, so the run never
+    ends its own MLflow run: the launcher ends it as KILLED (not left RUNNING), found through the
+    tracker's run record, and leaves runs of other names alone."""
+    import sys
+
+    import mlflow
+
+    sys.path.insert(0, str(REPO / "experiments"))
+    from recipes import mark_killed
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    experiment = client.create_experiment("brain_tumor_mri_seg")
+    stopped = client.create_run(experiment, run_name="train_stopped")
+    other = client.create_run(experiment, run_name="train_other")
+    run_dir = tmp_path / "recipe"
+    (run_dir / "models" / "last").mkdir(parents=True)
+    (run_dir / "models" / "last" / "mlflow_run_name").write_text("train_stopped")
+
+    mark_killed(run_dir, {"ckpt_dir": str(run_dir / "models")})  # not tracked: nothing to end
+    assert client.get_run(stopped.info.run_id).info.status == "RUNNING"
+    mark_killed(run_dir, {"tracking": "configs/mlflow.json", "tracking_dir": str(tmp_path)})
+    assert client.get_run(stopped.info.run_id).info.status == "KILLED"
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"
