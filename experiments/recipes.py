@@ -35,6 +35,7 @@ RECIPES = {  # name: override files, applied in order on train.yaml
     "negatives_with_mirrors": ["restart", "negatives"],  # the first try: mirrored Kaggle slices trained on too
     "fast_cpu": ["fast_cpu"],  # time to Dice on 2 CPU cores (per-image Dice, bf16, one-cycle, 20 epochs at 128 px + 24 at 192)
     "per_image_dice": ["per_image_dice"],  # the poster's Dice per image, not per batch
+    "categories": ["per_image_dice", "categories"],  # one logit per tumour category (tumorseg-convert --keep-categories)
     # per_image_dice weights (--set init_weights=...) fine-tuned with the healthy negatives in one stage
     "per_image_negatives": ["restart", "negatives", "per_image_dice"],
 }

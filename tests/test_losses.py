@@ -109,3 +109,43 @@ def test_bad_arguments_say_what_is_wrong(kwargs, message):
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="same shape"):
         PosterDiceFocalLoss()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 5))
+
+
+def test_tumour_logit_of_class_logits_is_the_softmax_tumour_probability():
+    from tumorseg.networks import TumourFromCategories, tumour_logit
+
+    z = torch.randn(2, 3, 5, 4) * 4
+    merged = tumour_logit(z)
+    assert merged.shape == (2, 1, 5, 4)
+    assert torch.allclose(torch.sigmoid(merged)[:, 0], torch.softmax(z, dim=1)[:, 1:].sum(1), atol=1e-6)
+    with pytest.raises(ValueError, match="C >= 2"):
+        tumour_logit(torch.zeros(2, 1, 5, 4))
+
+    network = TumourFromCategories(torch.nn.Conv2d(1, 3, 3, padding=1))
+    x = torch.randn(2, 1, 8, 8)
+    assert network.train()(x).shape == (2, 3, 8, 8)  # class logits for the category-aware loss
+    assert network.eval()(x).shape == (2, 1, 8, 8)  # one tumour logit for everything downstream
+
+
+def test_category_aware_loss_is_the_tumour_loss_plus_cross_entropy():
+    from tumorseg.losses import CategoryAwareLoss
+    from tumorseg.networks import tumour_logit
+
+    z = torch.randn(2, 3, 6, 6, requires_grad=True)
+    classes = torch.zeros(2, 1, 6, 6)
+    classes[0, 0, 1:3, 1:4], classes[1, 0, 2:5, 2:5] = 1, 2
+    poster = PosterDiceFocalLoss(batch=False)
+    tumour_only = poster(tumour_logit(z), (classes > 0).float())
+    assert CategoryAwareLoss(poster, w_category=0)(z, classes).item() == pytest.approx(tumour_only.item(), rel=1e-6)
+    expected = tumour_only + 0.5 * torch.nn.functional.cross_entropy(z, classes[:, 0].long())
+    loss = CategoryAwareLoss(poster, w_category=0.5)(z, classes)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+    with pytest.raises(ValueError, match="w_category must be >= 0"):
+        CategoryAwareLoss(poster, w_category=-1)
+    with pytest.raises(ValueError, match="classes must be in 0..2"):
+        CategoryAwareLoss(poster)(z, classes * 2)  # a category the network has no logit for
+    with pytest.raises(ValueError, match=r"target must be \(B, 1"):
+        CategoryAwareLoss(poster)(z, classes[:, 0])
