@@ -127,15 +127,24 @@ def test_overlay_shows_axial_slices_with_orientation_letters(tumour_volume, tmp_
 
 
 def test_axis_override_slices_as_stored(tumour_volume, tmp_path):
+    """``--axis`` slices the voxel array as stored, with no reorientation, for a header that lies:
+    here the slices of the stored axis 1 are the volume's own (x, y) slices, while the affine
+    (identity) calls axis 2 the axial one. The override gives the stack's own mask, in the stored
+    voxel order."""
     path, _ = tumour_volume
     img = nib.load(path)
-    stored = img.as_reoriented(np.array([[2, 1], [0, 1], [1, 1]]))  # x, y, z stored as y, z, x
+    stored = img.as_reoriented(np.array([[0, 1], [2, 1], [1, 1]]))  # x, y, z stored as x, z, y
     assert stored.shape == (640, 5, 640)
-    nib.save(stored, tmp_path / "yzx.nii.gz")
-    predict(tmp_path / "yzx.nii.gz", "-o", tmp_path / "out", extra=["--axis", "1"])
-    summary = json.loads((tmp_path / "out" / "yzx.json").read_text())
+    nib.save(nib.Nifti1Image(np.asarray(stored.dataobj), np.eye(4)), tmp_path / "xzy.nii.gz")
+    predict(path, "-o", tmp_path / "canonical")
+    predict(tmp_path / "xzy.nii.gz", "-o", tmp_path / "out", extra=["--axis", "1"])
+    summary = json.loads((tmp_path / "out" / "xzy.json").read_text())
     assert summary["slicing"] == "voxel axis 1 as stored"
-    assert summary["tumour_pixels"] > 1000  # the same five slices, reached through the override
+    reference = np.asarray(nib.load(tmp_path / "canonical" / "stack_seg.nii.gz").dataobj) > 0
+    assert reference.sum() > 1000, "the tumour slices must get a tumour"
+    mask = np.asarray(nib.load(tmp_path / "out" / "xzy_seg.nii.gz").dataobj) > 0  # in the stored voxel order
+    assert mask.shape == (640, 5, 640)
+    assert dice(np.moveaxis(mask, 1, 2), reference) >= 0.99  # the same five slices, reached through the override
 
 
 def test_healthy_builder_reports_its_sources(tmp_path):
