@@ -36,6 +36,7 @@ RECIPES = {  # name: override files, applied in order on train.yaml
     "fast_cpu": ["fast_cpu"],  # time to Dice on 2 CPU cores (per-image Dice, bf16, one-cycle, 20 epochs at 128 px + 24 at 192)
     "per_image_dice": ["per_image_dice"],  # the poster's Dice per image, not per batch
     "categories": ["per_image_dice", "categories"],  # one logit per tumour category (tumorseg-convert --keep-categories)
+    "quarter_turns": ["per_image_dice", "quarter_turns"],  # + 90-degree turns in the augmentation (boxes stay boxes)
     # per_image_dice weights (--set init_weights=...) fine-tuned with the healthy negatives in one stage
     "per_image_negatives": ["restart", "negatives", "per_image_dice"],
 }
