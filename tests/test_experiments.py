@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import BUNDLE, REPO, check, run_cli
+from conftest import BUNDLE, QUICK, REPO, SAMPLE, check, run_cli
 
 RESULTS = REPO / "experiments" / "results" / "h100-2026-11-26"
 
@@ -155,3 +155,38 @@ def test_a_run_stopped_at_the_deadline_ends_killed_in_mlflow(tmp_path, monkeypat
     mark_killed(run_dir, {"tracking": "configs/mlflow.json", "tracking_dir": str(tmp_path)})
     assert client.get_run(stopped.info.run_id).info.status == "KILLED"
     assert client.get_run(other.info.run_id).info.status == "RUNNING"
+
+
+def test_category_aware_recipe_trains_on_categories_and_runs_as_one_tumour_logit(tmp_path):
+    """configs/experiments/categories.yaml on masks that keep the COCO categories: the network
+    trains on three classes, validation scores the merged tumour mask (categories 1 and 2 are
+    both tumour), and the saved weights run, in eval mode, as the one tumour logit everything
+    downstream expects."""
+    import torch
+
+    from data_tools.coco_to_monai import convert
+    from tumorseg.bundle import parser as bundle_parser
+
+    data = tmp_path / "categories"
+    convert(SAMPLE, data, keep_categories=True, progress=False, log=lambda line: None)
+    files = [str(BUNDLE / "configs" / f) for f in ("common.yaml", "train.yaml")]
+    files += [str(REPO / "configs" / "experiments" / f) for f in ("per_image_dice.yaml", "categories.yaml")]
+    out = tmp_path / "run"
+    check(run_cli("-m", "monai.bundle", "run", "training", "--config_file", str(files), "--dataset_dir", str(data),
+                  "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), "--max_epochs", "2", *QUICK))  # fmt: skip
+    epochs = [json.loads(line) for line in (out / "eval" / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) == 2 and all(0.0 <= e["val_mean_dice"] <= 1.0 for e in epochs)
+
+    parser = bundle_parser("train", BUNDLE)
+    parser.read_config(files)
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(data), "cache_rate": 0.0, "num_workers": 0})
+    parser.update({"image_size": 64, "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1})
+    train_classes = {int(v) for d in parser.get_parsed_content("train#dataset") for v in torch.unique(d["label"])}
+    assert train_classes == {0, 1, 2}  # the loss sees the categories...
+    for d in parser.get_parsed_content("validate#dataset"):
+        assert set(torch.unique(d["label"]).tolist()) <= {0.0, 1.0}  # ...validation the tumour
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(out / "models" / "model.pt", weights_only=True))
+    x = torch.rand(2, 1, 64, 64)
+    assert network.train()(x).shape == (2, 3, 64, 64)
+    assert network.eval()(x).shape == (2, 1, 64, 64)
