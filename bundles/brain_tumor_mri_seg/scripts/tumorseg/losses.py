@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
+from .networks import tumour_logit
+
 __all__ = ["CategoryAwareLoss", "PosterDiceFocalLoss"]
 
 
@@ -172,8 +174,6 @@ class CategoryAwareLoss(_Loss):
             ValueError: for fewer than 2 classes, a target that is not one channel of the input's
                 batch and spatial shape, or class indices outside ``0 .. C-1``.
         """
-        from .networks import tumour_logit
-
         if input.ndim < 3 or input.shape[1] < 2:
             raise ValueError(f"input must be class logits (B, C >= 2, spatial...), got shape {tuple(input.shape)}.")
         if target.shape != (input.shape[0], 1, *input.shape[2:]):
