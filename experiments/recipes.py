@@ -39,6 +39,11 @@ RECIPES = {  # name: override files, applied in order on train.yaml
     "quarter_turns": ["per_image_dice", "quarter_turns"],  # + 90-degree turns in the augmentation (boxes stay boxes)
     # per_image_dice weights (--set init_weights=...) fine-tuned with the healthy negatives in one stage
     "per_image_negatives": ["restart", "negatives", "per_image_dice"],
+    # the shipped chain (per_image_dice -> per_image_negatives -> negatives_refine) with quarter turns
+    "quarter_turns_negatives": ["restart", "negatives", "per_image_dice", "quarter_turns"],
+    # the second negatives stage with the batch and the per-image Dice terms summed
+    "dice_both_refine": ["restart", "negatives", "negatives_refine", "dice_both"],
+    "quarter_turns_refine": ["restart", "negatives", "negatives_refine", "quarter_turns"],
 }
 
 
