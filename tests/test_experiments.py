@@ -106,6 +106,28 @@ def test_every_recipe_builds_its_trainer_and_run_parameters(converted_sample):
         assert parser.get_parsed_content("train#trainer") is not None, recipe
 
 
+def test_dice_both_trains_with_the_posters_loss_plus_a_per_image_dice_term(converted_sample):
+    """configs/experiments/dice_both.yaml: the trainer's loss is the poster's (batch Dice + focal)
+    plus the Dice term per image, so a batch of one small and one large box scores the sum."""
+    import torch
+
+    from tumorseg.bundle import config_files
+    from tumorseg.bundle import parser as bundle_parser
+    from tumorseg.losses import PosterDiceFocalLoss
+
+    parser = bundle_parser("train", BUNDLE)
+    parser.read_config([*config_files("train", BUNDLE), str(REPO / "configs" / "experiments" / "dice_both.yaml")])
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(converted_sample), "cache_rate": 0.0, "num_workers": 0})
+    trainer = parser.get_parsed_content("train#trainer")
+    logits = torch.randn(2, 1, 16, 16)
+    label = torch.zeros(2, 1, 16, 16)
+    label[0, :, 2:4, 2:4], label[1, :, 2:14, 2:14] = 1, 1
+    expected = PosterDiceFocalLoss()(logits, label) + PosterDiceFocalLoss(w_focal=0.0, batch=False)(logits, label)
+    assert torch.allclose(trainer.loss_function(logits, label), expected)
+    assert not torch.allclose(PosterDiceFocalLoss()(logits, label), expected)
+    assert parser.get_parsed_content("run_params")["loss_w_dice_per_image"] == 1.0
+
+
 def test_training_runs_at_train_size_and_validation_at_image_size(converted_sample):
     """Train small, run larger: ``train_size`` resizes only the training slices (before the
     augmentation, so the cached step does it once); validation keeps ``image_size``, the size the
