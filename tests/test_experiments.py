@@ -212,3 +212,14 @@ def test_category_aware_recipe_trains_on_categories_and_runs_as_one_tumour_logit
     x = torch.rand(2, 1, 64, 64)
     assert network.train()(x).shape == (2, 3, 64, 64)
     assert network.eval()(x).shape == (2, 1, 64, 64)
+
+
+def test_quarter_turn_measure_scores_upright_and_turned_slices_against_their_own_boxes(converted_sample, tmp_path):
+    """experiments/quarter_turns.py: one row per turn, each slice scored against its box turned
+    with it (the shipped weights find the tumours of the sample's valid slices both ways)."""
+    out = tmp_path / "rows.jsonl"
+    script = str(REPO / "experiments" / "quarter_turns.py")
+    check(run_cli(script, "--dataset_dir", str(converted_sample), "--limit", "3", "--output", str(out)))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["quarter_turns"] for r in rows] == [0, 1] and all(r["slices"] == 3 for r in rows)
+    assert all(r["dice"] > 0.5 and r["slice_sensitivity"] == 1.0 for r in rows), rows
