@@ -68,14 +68,15 @@ def healthy_volumes(tmp: Path) -> dict[str, Path]:
     return out
 
 
-def slice_records(predictor, items: list[dict]) -> list[dict]:
-    """Per slice: peak probability, and the Dice of its mask against its label."""
+def slice_records(predictor, items: list[dict], quarter_turns: int = 0) -> list[dict]:
+    """Per slice: peak probability, and the Dice of its mask against its label; with
+    ``quarter_turns``, of the slice and its label turned that many times by 90 degrees."""
     from tumorseg.reading import read_slice
 
     rows = []
     for item in items:
-        image = read_slice(Path(item["image"]))
-        label = read_slice(Path(item["label"])) > 0
+        image = np.ascontiguousarray(np.rot90(read_slice(Path(item["image"])), quarter_turns))
+        label = np.rot90(read_slice(Path(item["label"])) > 0, quarter_turns)
         mask, peaks = predictor.predict_volume(image)
         inter, total = float((mask & label).sum()), float(mask.sum() + label.sum())
         rows.append(

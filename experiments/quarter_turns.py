@@ -23,24 +23,18 @@ BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
 
 def measure(dataset_dir: Path, checkpoint: Path, limit: int | None = None) -> list[dict]:
     from monai.data import load_decathlon_datalist
+    from presence import slice_records  # experiments/presence.py: the same per-slice Dice
 
     from tumorseg.predictor import Predictor
-    from tumorseg.reading import read_slice
 
     items = load_decathlon_datalist(dataset_dir / "datalist.json", data_list_key="validation", base_dir=dataset_dir)[:limit]
     predictor = Predictor.from_bundle(BUNDLE, checkpoint, {"runtime": "torch"}, tta=True, box_fit=True)
     rows = []
     for turns in (0, 1):
-        dice, found = [], []
-        for item in items:
-            image = np.rot90(np.asarray(read_slice(Path(item["image"]))), turns)
-            label = np.rot90(np.asarray(read_slice(Path(item["label"]))) > 0, turns)
-            mask, _ = predictor.predict_volume(image.copy())
-            total = mask.sum() + label.sum()
-            dice.append(1.0 if total == 0 else 2.0 * (mask & label).sum() / total)
-            found.append(bool(mask.any()))
-        rows.append({"checkpoint": str(checkpoint), "quarter_turns": turns, "slices": len(items),
-                     "dice": float(np.mean(dice)), "slice_sensitivity": float(np.mean(found))})  # fmt: skip
+        slices = slice_records(predictor, items, quarter_turns=turns)
+        rows.append({"checkpoint": str(checkpoint), "quarter_turns": turns, "slices": len(slices),
+                     "dice": float(np.mean([r["dice_if_kept"] for r in slices])),
+                     "slice_sensitivity": float(np.mean([r["found"] for r in slices]))})  # fmt: skip
     return rows
 
 
