@@ -43,14 +43,17 @@ def main() -> None:
     ap.add_argument("--dataset_dir", type=Path, required=True, help="tumorseg-convert output")
     ap.add_argument("--checkpoint", type=Path, nargs="+", default=[BUNDLE / "models" / "model.pt"])
     ap.add_argument("--limit", type=int, help="only the first N slices (a quick look)")
-    ap.add_argument("--output", type=Path, help="also append the rows to this JSON-lines file")
+    ap.add_argument("--output", type=Path, help="also write the rows to this JSON-lines file (at the end, atomically)")
     args = ap.parse_args()
+    lines = []
     for checkpoint in args.checkpoint:
         for row in measure(args.dataset_dir, checkpoint, args.limit):
-            print(json.dumps(row), flush=True)
-            if args.output:
-                with args.output.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+            lines.append(json.dumps(row))
+            print(lines[-1], flush=True)
+    if args.output:
+        from tumorseg.files import write_atomic
+
+        write_atomic(args.output, "".join(line + "\n" for line in lines).encode())
 
 
 if __name__ == "__main__":
