@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import BUNDLE, QUICK, REPO, SAMPLE, check, run_cli
 
 RESULTS = REPO / "experiments" / "results" / "h100-2026-11-26"
@@ -223,3 +224,45 @@ def test_quarter_turn_measure_scores_upright_and_turned_slices_against_their_own
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["quarter_turns"] for r in rows] == [0, 1] and all(r["slices"] == 3 for r in rows)
     assert all(r["dice"] > 0.5 and r["slice_sensitivity"] == 1.0 for r in rows), rows
+
+
+def test_mean_ensemble_of_packed_weights_runs_through_evaluate(converted_sample, tmp_path):
+    """experiments/ensemble.py packs weights into one state dict that configs/experiments/ensemble.yaml
+    loads: the network gives the logit of its members' mean probability, and the bundle's evaluate
+    takes it like any checkpoint (two copies of the shipped weights score as the weights alone)."""
+    import torch
+
+    from tumorseg.bundle import parser as bundle_parser
+    from tumorseg.networks import MeanEnsemble
+
+    a, b = torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Conv2d(1, 1, 3, padding=1)
+    x = torch.randn(2, 1, 8, 8)
+    mean = (torch.sigmoid(a(x)) + torch.sigmoid(b(x))) / 2
+    assert torch.allclose(torch.sigmoid(MeanEnsemble([a, b])(x)), mean, atol=1e-5)
+
+    packed = tmp_path / "ensemble.pt"
+    shipped = BUNDLE / "models" / "model.pt"
+    check(run_cli(str(REPO / "experiments" / "ensemble.py"), str(shipped), str(shipped), "-o", str(packed)))
+    files = [str(BUNDLE / "configs" / f) for f in ("common.yaml", "train.yaml")]
+    files += [str(REPO / "configs" / "experiments" / "ensemble.yaml"), str(BUNDLE / "configs" / "evaluate.yaml")]
+    parser = bundle_parser("evaluate", BUNDLE)
+    parser.read_config(files)
+    parser.update({"bundle_root": str(BUNDLE), "ensemble_size": 2})
+    network = parser.get_parsed_content("network_def").eval()
+    network.load_state_dict(torch.load(packed, weights_only=True))
+    single = parser.get_parsed_content("network_def#members")[0]  # the UNet of common.yaml's settings
+    single.load_state_dict(torch.load(shipped, weights_only=True))
+    with torch.no_grad():
+        image = torch.rand(1, 1, 64, 64)
+        assert torch.allclose(torch.sigmoid(network(image)), torch.sigmoid(single.eval()(image)), atol=1e-5)
+
+    scores, ensemble = {}, [str(REPO / "configs" / "experiments" / "ensemble.yaml")]
+    for name, checkpoint, extra in (("single", shipped, []), ("ensemble", packed, ensemble)):
+        config = files[:2] + extra + [str(BUNDLE / "configs" / "evaluate.yaml")]
+        out = tmp_path / name
+        check(run_cli("-m", "monai.bundle", "run", "--config_file", str(config), "--dataset_dir", str(converted_sample),
+                      "--eval_list", "validation", "--checkpoint", str(checkpoint), "--ensemble_size", "2",
+                      "--output_dir", str(out)))  # fmt: skip
+        scores[name] = json.loads((out / "evaluate_validation" / "summary.json").read_text())
+    dice = {name: s["per_image"]["dice"]["mean"] for name, s in scores.items()}
+    assert dice["ensemble"] == pytest.approx(dice["single"], abs=1e-3), dice

@@ -1,11 +1,12 @@
-"""A tumour network trained on the dataset's tumour categories (issue "Model quality II")."""
+"""Networks beyond MONAI's ``UNet`` (issue "Model quality II"): a tumour network trained on the
+dataset's tumour categories, and a mean ensemble of independently trained networks."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["TumourFromCategories", "tumour_logit"]
+__all__ = ["MeanEnsemble", "TumourFromCategories", "tumour_logit"]
 
 
 def tumour_logit(class_logits: torch.Tensor) -> torch.Tensor:
@@ -46,3 +47,35 @@ class TumourFromCategories(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.network(x)
         return logits if self.training else tumour_logit(logits)
+
+
+class MeanEnsemble(nn.Module):
+    """Independently trained one-logit tumour networks run as one network: the logit of their
+    mean sigmoid probability.
+
+    .. math::
+
+        z = \\operatorname{logit} \\Big( \\frac{1}{M} \\sum_{m=1}^{M} \\sigma(z_m) \\Big)
+
+    This is MONAI's ``MeanEnsemble`` (``monai.transforms.MeanEnsembled``) taken inside the network,
+    so that one state dict (``members.0.*``, ``members.1.*``, ...; ``experiments/ensemble.py`` packs
+    it) goes through everything that loads the bundle's weights unchanged: evaluate, inference,
+    ``tumorseg-predict``, the ONNX export, MONAI Label and the MLflow model; and the flip TTA and
+    post-processing that follow see one logit, as for a single network.
+
+    Shapes: ``(B, 1, H, W)`` -> ``(B, 1, H, W)``.
+
+    Args:
+        members: the networks, each with one output channel (the tumour logit).
+    """
+
+    def __init__(self, members) -> None:
+        super().__init__()
+        members = list(members)
+        if not members:
+            raise ValueError("members must hold at least one network.")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prob = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
+        return torch.logit(prob, eps=1e-6)

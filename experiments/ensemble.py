@@ -1,0 +1,51 @@
+"""Pack independently trained weights into the one state dict of a mean ensemble.
+
+    python experiments/ensemble.py A.pt B.pt C.pt -o ensemble.pt
+
+Each input is a state dict of the bundle's network or a training checkpoint ``{"model": state}``
+(loaded with ``weights_only=True``). The output holds member ``m``'s parameters as
+``members.m.*``: the state dict of ``tumorseg.networks.MeanEnsemble`` built by
+``configs/experiments/ensemble.yaml`` (its ``ensemble_size`` must equal the number of inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "brain_tumor_mri_seg" / "scripts"))
+
+
+def pack(paths: list[Path]) -> dict:
+    import torch
+
+    states = []
+    for path in paths:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        states.append(state["model"] if isinstance(state.get("model"), dict) else state)
+    keys = set(states[0])
+    if any(set(s) != keys for s in states):
+        raise SystemExit("error: the weights hold different parameters (members must be the same network)")
+    return {f"members.{m}.{k}": v for m, state in enumerate(states) for k, v in state.items()}
+
+
+def main() -> None:
+    import io
+
+    import torch
+
+    from tumorseg.files import write_atomic
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("weights", nargs="+", type=Path)
+    ap.add_argument("-o", "--output", type=Path, required=True)
+    args = ap.parse_args()
+    buffer = io.BytesIO()
+    torch.save(pack(args.weights), buffer)
+    write_atomic(args.output, buffer.getvalue())
+    print(f"wrote {args.output}: a mean ensemble of {len(args.weights)} networks")
+
+
+if __name__ == "__main__":
+    main()
