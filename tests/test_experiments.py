@@ -266,3 +266,26 @@ def test_mean_ensemble_of_packed_weights_runs_through_evaluate(converted_sample,
         scores[name] = json.loads((out / "evaluate_validation" / "summary.json").read_text())
     dice = {name: s["per_image"]["dice"]["mean"] for name, s in scores.items()}
     assert dice["ensemble"] == pytest.approx(dice["single"], abs=1e-3), dice
+
+
+def test_cascade_screen_refines_stage_one_boxes_and_logs_an_mlflow_run(converted_sample, tmp_path):
+    """experiments/cascade.py: stage 2 trains on windows around the true boxes, then refines the
+    shipped model's boxes on `valid`; the three per-image Dice figures land in summary.json and in
+    one MLflow run."""
+    from tumorseg.tracking import open_store
+
+    out, store = tmp_path / "cascade", tmp_path / "mlflow"
+    script = str(REPO / "experiments" / "cascade.py")
+    check(run_cli(script, "--dataset_dir", str(converted_sample), "--out", str(out), "--epochs", "1", "--limit", "4",
+                  "--crop_size", "64", "--tracking_dir", str(store), "--name", "cascade_test"))  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["slices"] == len(summary["rows"]) > 0
+    for key in ("stage1", "cascade", "stage2_on_true_window"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["stage1"] > 0.5  # the shipped model finds the sample's tumours
+    assert (out / "stage2.pt").is_file() and (out / "stage1.json").is_file()
+
+    client, experiment_id = open_store(store)
+    (run,) = client.search_runs([experiment_id], filter_string="attributes.run_name = 'cascade_test'")
+    assert run.data.metrics["valid_dice_cascade"] == pytest.approx(summary["cascade"])
+    assert run.data.params["crop_size"] == "64" and run.data.tags["workflow"] == "cascade"
