@@ -1,15 +1,18 @@
-"""Crop-and-refine cascade, screened (issue "Model quality II"; nnU-Net's cascade idea).
+"""Crop-and-refine cascade: train the bundle's second stage and measure it on `valid`.
 
-    python experiments/cascade.py --dataset_dir runs/kaggle-full --out runs/cascade [--epochs 30]
+    python experiments/cascade.py --dataset_dir runs/kaggle-full --out runs/cascade --source_size 256 [--epochs 30]
 
-Stage 1 is the bundle's model as shipped (``tumorseg.predictor.Predictor``: flip TTA, box fit,
-presence gate): it says whether a slice holds a tumour and where. Stage 2 sees only a square
-window around stage 1's box, cut from the slice at its stored resolution and resized to
-``--crop_size``: the tumour fills a fixed share of its input whatever its size, so a small box
-is seen larger than at the network's 256 px. It is the bundle's UNet trained with the poster's
-loss (Dice per image) on windows around the true boxes, jittered in place and size as stage 1's
-boxes are, with flips and quarter turns. Its probability map, through the same box fit, gives
-the final box.
+The shipped ``models/refiner.pt`` is ``stage2.pt`` of that command (docs/README.md, "Cascade").
+
+Issue "Model quality II"; nnU-Net's cascade idea. Stage 1 is the bundle's model as shipped
+(``tumorseg.predictor.Predictor``: flip TTA, box fit, presence gate, the refinement off): it says
+whether a slice holds a tumour and where. Stage 2 (``refiner_def`` of ``common.yaml``) sees only a
+square window around stage 1's box (``tumorseg.refine``), cut from the slice as stored or resized to
+``--source_size`` (the shipped refiner: 256, the grid the bundle's post-processing works on) and
+resized to ``--crop_size``: the tumour fills a fixed share of its input whatever its size. It is
+trained with the poster's loss (Dice per image) on windows around the true boxes, jittered in place
+and size as stage 1's boxes are, with flips and quarter turns; its probability map, through the
+same box fit, gives the final box (``tumorseg.refine.BoxRefined``, as in the bundle).
 
 Written to ``--out``: ``stage2.pt`` (weights; a later run evaluates them again), ``history.json``
 (training loss per epoch), ``stage1.json`` (stage 1's box per `valid` slice,
@@ -33,58 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
 sys.path.insert(0, str(BUNDLE / "scripts"))
 
-
-def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(row0, col0, row1, col1), end exclusive, of a mask's foreground; None if empty."""
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if not rows.size:
-        return None
-    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+from tumorseg.refine import BoxRefined, bbox, cut, resized, window  # noqa: E402  (the bundle's code, one definition)
 
 
-def window(box, context: float, shift=(0.0, 0.0), min_side: int = 48) -> tuple[int, int, int]:
-    """The square window (row0, col0, side) around ``box``: ``context`` times its longer side,
-    its centre moved by ``shift`` (fractions of the box's height and width)."""
-    r0, c0, r1, c1 = box
-    h, w = r1 - r0, c1 - c0
-    side = max(min_side, int(round(context * max(h, w))))
-    cr, cc = (r0 + r1) / 2 + shift[0] * h, (c0 + c1) / 2 + shift[1] * w
-    return int(round(cr - side / 2)), int(round(cc - side / 2)), side
-
-
-def cut(array: np.ndarray, win) -> np.ndarray:
-    """``array``'s square window, zero outside the slice."""
-    r, c, side = win
-    out = np.zeros((side, side), dtype=array.dtype)
-    rs, cs = max(r, 0), max(c, 0)
-    re, ce = min(r + side, array.shape[0]), min(c + side, array.shape[1])
-    if re > rs and ce > cs:
-        out[rs - r : re - r, cs - c : ce - c] = array[rs:re, cs:ce]
-    return out
-
-
-def paste(mask: np.ndarray, win, shape) -> np.ndarray:
-    """A window's mask placed back on a slice of ``shape``."""
-    r, c, side = win
-    out = np.zeros(shape, dtype=bool)
-    rs, cs = max(r, 0), max(c, 0)
-    re, ce = min(r + side, shape[0]), min(c + side, shape[1])
-    if re > rs and ce > cs:
-        out[rs:re, cs:ce] = mask[rs - r : re - r, cs - c : ce - c]
-    return out
-
-
-def resized(array: np.ndarray, size: int, nearest: bool = False):
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)[None, None]
-    if nearest:
-        return F.interpolate(t, size=(size, size), mode="nearest")[0]
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-
-
-def load_split(dataset_dir: Path, key: str):
+def load_split(dataset_dir: Path, key: str, source_size: int | None = None):
     from monai.data import load_decathlon_datalist
 
     from tumorseg.reading import read_slice
@@ -95,7 +50,11 @@ def load_split(dataset_dir: Path, key: str):
         image = read_slice(Path(item["image"])).astype(np.float32)
         lo, hi = float(image.min()), float(image.max())
         image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)  # ScaleIntensity, per slice
-        out.append({"name": Path(item["image"]).name, "image": image, "label": read_slice(Path(item["label"])) > 0})
+        label = read_slice(Path(item["label"])) > 0
+        if source_size:  # the slice at the network's resolution, as evaluate sees it (square slices)
+            image = resized(image, source_size)[0].numpy()
+            label = resized(label.astype(np.float32), source_size, nearest=True)[0].numpy() > 0.5
+        out.append({"name": Path(item["image"]).name, "image": image, "label": label})
     return out
 
 
@@ -110,7 +69,7 @@ def stage1_boxes(dataset_dir: Path, valid, path: Path) -> dict:
         return json.loads(path.read_text())
     from tumorseg.predictor import Predictor
 
-    predictor = Predictor.from_bundle(BUNDLE)
+    predictor = Predictor.from_bundle(BUNDLE, overrides={"refine": False})
     boxes = {}
     for k, case in enumerate(valid):
         mask, _ = predictor.predict_volume(case["image"])
@@ -122,10 +81,10 @@ def stage1_boxes(dataset_dir: Path, valid, path: Path) -> dict:
 
 
 def network():
-    from monai.networks.nets import UNet
+    """The refiner as the bundle defines it (``refiner_def`` of ``common.yaml``)."""
+    from tumorseg.bundle import parser
 
-    return UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(16, 32, 64, 128, 256),
-                strides=(2, 2, 2, 2), num_res_units=2, dropout=0.1)  # fmt: skip
+    return parser("inference", BUNDLE).get_parsed_content("refiner_def", instantiate=True)
 
 
 def train(train_set, args, rng):
@@ -172,21 +131,6 @@ def train(train_set, args, rng):
     return net.eval(), history
 
 
-def refine(net, image: np.ndarray, box, context: float, crop_size: int, level: float) -> np.ndarray:
-    """Stage 2 on the window around ``box``: flip TTA, box fit, the box placed back on the slice."""
-    import torch
-
-    from tumorseg.transforms import ExpectedDiceBox
-
-    win = window(box, context)
-    x = resized(cut(image, win), crop_size)[None]
-    with torch.no_grad():
-        prob = sum(torch.sigmoid(net(x.flip(d) if d else x).float()).flip(d) if d else torch.sigmoid(net(x).float())
-                   for d in ((), (2,), (3,), (2, 3))) / 4  # fmt: skip
-    inside = ExpectedDiceBox(threshold=level)(prob[0].numpy())[0]
-    return paste(resized(inside, win[2], nearest=True)[0].numpy() > 0.5, win, image.shape)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset_dir", type=Path, required=True)
@@ -196,6 +140,9 @@ def main() -> None:
     ap.add_argument("--context", type=float, default=2.0, help="window side / the box's longer side")
     ap.add_argument("--jitter", type=float, default=0.15, help="largest shift of the window, in box sizes")
     ap.add_argument("--scale_jitter", type=float, default=0.22, help="window side times exp(U(-s, s))")
+    ap.add_argument(
+        "--source_size", type=int, default=None, help="cut the windows from slices resized to this (default: as stored)"
+    )
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--learning_rate", type=float, default=3e-3)
     ap.add_argument("--level", type=float, default=0.3, help="stage 2's box fit threshold (stage 1 decided presence)")
@@ -212,8 +159,9 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
-    train_set = [case for case in load_split(args.dataset_dir, "training")[: args.limit] if case["label"].any()]
-    valid = load_split(args.dataset_dir, "validation")[: args.limit]
+    train_set = load_split(args.dataset_dir, "training", args.source_size)[: args.limit]
+    train_set = [case for case in train_set if case["label"].any()]
+    valid = load_split(args.dataset_dir, "validation", args.source_size)[: args.limit]
     boxes = stage1_boxes(args.dataset_dir, valid, args.out / "stage1.json")
     weights, history = args.out / "stage2.pt", []
     if weights.is_file():  # trained before: evaluate it again (other --context, --rounds)
@@ -226,19 +174,17 @@ def main() -> None:
         net, history = train(train_set, args, rng)
         torch.save(net.state_dict(), weights)
         (args.out / "history.json").write_text(json.dumps(history))
+    refiner = BoxRefined("pred", "image", net, weights, context=args.context, size=args.crop_size, threshold=args.level)
     rows = []
     for case in valid:
-        box, truth = boxes[case["name"]], bbox(case["label"])
+        box = boxes[case["name"]]
         first = np.zeros(case["image"].shape, dtype=bool)
         if box is not None:
             first[box[0] : box[2], box[1] : box[3]] = True
         cascade = first
-        for _ in range(args.rounds if box else 0):
-            refined = refine(net, case["image"], box, args.context, args.crop_size, args.level)
-            if not refined.any():  # stage 2 saw nothing in the window: keep the box it was given
-                break
-            cascade, box = refined, bbox(refined)
-        oracle = refine(net, case["image"], truth, args.context, args.crop_size, args.level) if truth else first * False
+        for _ in range(args.rounds):
+            cascade = refiner.refine(case["image"], cascade)
+        oracle = refiner.refine(case["image"], case["label"])
         rows.append({"image": case["name"], "stage1": dice(first, case["label"]), "cascade": dice(cascade, case["label"]),
                      "stage2_on_true_window": dice(oracle, case["label"])})  # fmt: skip
     summary = {key: float(np.mean([r[key] for r in rows])) for key in ("stage1", "cascade", "stage2_on_true_window")}

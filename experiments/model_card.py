@@ -30,16 +30,17 @@ BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
 RESULTS = REPO / "experiments" / "results"
 RECIPE_COMPARISON = "h100-2026-11-26"  # the 40-epoch recipes drawn in training_curves.svg, with the runs that continued them
 FIGURES = BUNDLE / "docs" / "figures"
-SETTINGS = {  # name: (tta, box_fit); the last is the evaluate/inference default
-    "threshold": (False, False),
-    "tta": (True, False),
-    "box_fit": (False, True),
-    "tta+box_fit": (True, True),
+SETTINGS = {  # name: (tta, box_fit, refine); the last is the evaluate/inference default
+    "threshold": (False, False, False),
+    "tta": (True, False, False),
+    "box_fit": (False, True, False),
+    "tta+box_fit": (True, True, False),
+    "tta+box_fit+refine": (True, True, True),
 }
 POSTER = {"dice": 0.75, "poster_mean_iou": 0.98}
 
 
-def evaluate(dataset_dir: Path, out: Path, tta: bool, box_fit: bool, tracking_dir: Path) -> dict:
+def evaluate(dataset_dir: Path, out: Path, tta: bool, box_fit: bool, refine: bool, tracking_dir: Path) -> dict:
     from tumorseg.bundle import config_files
 
     configs = config_files("evaluate", BUNDLE)
@@ -62,6 +63,8 @@ def evaluate(dataset_dir: Path, out: Path, tta: bool, box_fit: bool, tracking_di
         str(tta).lower(),
         "--box_fit",
         str(box_fit).lower(),
+        "--refine",
+        str(refine).lower(),
         "--tracking",
         str(REPO / "configs" / "mlflow.json"),
         "--tracking_dir",
@@ -150,8 +153,8 @@ def main() -> None:
         )
 
     summaries = {}
-    for name, (tta, box_fit) in SETTINGS.items():
-        summaries[name] = evaluate(dataset_dir, args.work_dir / name, tta, box_fit, tracking_dir)
+    for name, (tta, box_fit, refine) in SETTINGS.items():
+        summaries[name] = evaluate(dataset_dir, args.work_dir / name, tta, box_fit, refine, tracking_dir)
         print(f"evaluated {name}: per-image Dice {summaries[name]['per_image']['dice']['mean']:.4f}", flush=True)
     for split in ("validation", "training"):
         subprocess.run(

@@ -178,3 +178,69 @@ def test_tta_and_box_fit_switch_from_the_command_line(converted_sample, tmp_path
 
     assert all(is_rectangle(np.asarray(Image.open(p))) for p in results["true"])
     assert not all(is_rectangle(np.asarray(Image.open(p))) for p in results["false"])
+
+
+class _Brightness(torch.nn.Module):
+    """A stand-in refiner whose tumour is whatever is bright: logit 20 * (x - 0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x):
+        return self.scale * (x - 0.5)
+
+
+def test_box_refined_moves_the_box_onto_what_the_refiner_sees_and_never_changes_presence(tmp_path):
+    """tumorseg.refine.BoxRefined: the box is replaced by the refiner's box found in a window around
+    it (here: a bright rectangle the first box only half covers); an empty mask stays empty and a
+    window where the refiner sees nothing keeps the first box."""
+    from tumorseg.refine import BoxRefined, bbox, window
+
+    weights = tmp_path / "refiner.pt"
+    torch.save(_Brightness().state_dict(), weights)
+    refine = BoxRefined("pred", "image", _Brightness(), weights, context=2.0, size=64)
+
+    image = torch.zeros(1, 128, 128)
+    image[0, 40:60, 50:80] = 1.0  # the tumour: rows 40-59, columns 50-79
+    first = torch.zeros(1, 128, 128)
+    first[0, 45:70, 60:85] = 1  # the first stage's box, off in place and size
+    out = refine({"image": image, "pred": first})["pred"]
+    assert out.shape == first.shape
+    r0, c0, r1, c1 = bbox(np.asarray(out[0]) > 0)
+    assert abs(r0 - 40) <= 2 and abs(c0 - 50) <= 2 and abs(r1 - 60) <= 2 and abs(c1 - 80) <= 2, (r0, c0, r1, c1)
+
+    empty = torch.zeros(1, 128, 128)
+    assert not refine({"image": image, "pred": empty})["pred"].any()  # presence is the first stage's
+    dark = torch.zeros(1, 128, 128)
+    kept = refine({"image": dark, "pred": first})["pred"]
+    assert torch.equal(torch.as_tensor(kept), first)  # the refiner sees nothing: the first box stays
+
+    assert window((10, 10, 20, 30), 2.0) == (-9, -4, 48)  # centred; min_side: a small box keeps some context
+    assert window((10, 10, 50, 40), 2.0) == (-10, -15, 80)  # twice the longer side
+    with pytest.raises(ValueError, match="context must be >= 1"):
+        BoxRefined("pred", "image", _Brightness(), weights, context=0.5)
+    with pytest.raises(Exception, match="refiner.pt: no model weights"):
+        BoxRefined("pred", "image", _Brightness(), tmp_path / "missing" / "refiner.pt")
+
+
+def test_refine_is_part_of_the_box_fit_and_switches_off_from_the_command_line(converted_sample, tmp_path):
+    """The shipped post-processing refines the box fit's boxes (models/refiner.pt); `--refine false`
+    gives the first stage's boxes, and without the box fit there is nothing to refine."""
+    from tumorseg.predictor import Predictor
+
+    def steps(**overrides):
+        predictor = Predictor.from_bundle(BUNDLE, overrides={"runtime": "torch", **overrides})
+        return [type(t).__name__ for t in predictor.postprocess.transforms]
+
+    assert steps()[-2:] == ["ExpectedDiceBoxd", "BoxRefined"]
+    assert "BoxRefined" not in steps(refine=False) and "BoxRefined" not in steps(box_fit=False)
+
+    dice = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        check(run_cli("-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"), "--dataset_dir",
+                      str(converted_sample), "--eval_list", "test", "--eval_dir", str(out), "--refine", flag))  # fmt: skip
+        dice[flag] = json.loads((out / "summary.json").read_text())["per_image"]["dice"]["mean"]
+    assert dice["true"] > 0.6 and dice["false"] > 0.6, dice
+    assert dice["true"] != dice["false"], dice  # the second stage changed the boxes

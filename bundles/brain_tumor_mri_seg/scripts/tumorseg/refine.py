@@ -1,0 +1,148 @@
+"""The second stage of a crop-and-refine cascade (nnU-Net's cascade idea, issue "Model quality
+II"): the first stage's box is refined by a network that sees only a square window around it.
+
+The window's geometry (``window``, ``cut``, ``paste``) is shared by the refiner's training
+(``experiments/cascade.py``, windows around the true boxes, jittered) and by :class:`BoxRefined`,
+the post-processing step that applies it (``common.yaml``'s ``postprocessing``, after the box fit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from monai.utils import convert_to_dst_type
+
+__all__ = ["BoxRefined", "bbox", "cut", "paste", "resized", "window"]
+
+
+def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(row0, col0, row1, col1)``, ends exclusive, of a 2D mask's foreground; None if empty."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not rows.size:
+        return None
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def window(box, context: float, shift=(0.0, 0.0), min_side: int = 48) -> tuple[int, int, int]:
+    """The square window ``(row0, col0, side)`` around ``box``: its side is ``context`` times the
+    box's longer side (at least ``min_side``), its centre the box's, moved by ``shift`` (fractions
+    of the box's height and width; training jitters it)."""
+    r0, c0, r1, c1 = box
+    h, w = r1 - r0, c1 - c0
+    side = max(min_side, int(round(context * max(h, w))))
+    cr, cc = (r0 + r1) / 2 + shift[0] * h, (c0 + c1) / 2 + shift[1] * w
+    return int(round(cr - side / 2)), int(round(cc - side / 2)), side
+
+
+def cut(array: np.ndarray, win) -> np.ndarray:
+    """The (H, W) ``array``'s square window, zero where it reaches past the slice."""
+    r, c, side = win
+    out = np.zeros((side, side), dtype=array.dtype)
+    rs, cs = max(r, 0), max(c, 0)
+    re, ce = min(r + side, array.shape[0]), min(c + side, array.shape[1])
+    if re > rs and ce > cs:
+        out[rs - r : re - r, cs - c : ce - c] = array[rs:re, cs:ce]
+    return out
+
+
+def paste(mask: np.ndarray, win, shape) -> np.ndarray:
+    """A window's (side, side) mask placed back on a slice of ``shape`` (what falls outside is dropped)."""
+    r, c, side = win
+    out = np.zeros(shape, dtype=bool)
+    rs, cs = max(r, 0), max(c, 0)
+    re, ce = min(r + side, shape[0]), min(c + side, shape[1])
+    if re > rs and ce > cs:
+        out[rs:re, cs:ce] = mask[rs - r : re - r, cs - c : ce - c]
+    return out
+
+
+def resized(array: np.ndarray, size: int, nearest: bool = False) -> torch.Tensor:
+    """A square (H, W) array as a (1, size, size) float tensor: bilinear with anti-aliasing
+    (images) or nearest (masks)."""
+    import torch.nn.functional as F
+
+    t = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)[None, None]
+    if nearest:
+        return F.interpolate(t, size=(size, size), mode="nearest")[0]
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+class BoxRefined(MapTransform):
+    """Replaces each slice's box by the box a second network finds in a window around it.
+
+    For a (1, H, W) box mask (the output of :class:`tumorseg.transforms.ExpectedDiceBoxd`) and its
+    (1, H, W) image on the same grid: the window of :func:`window` (``context`` times the box's
+    longer side, centred on it) is cut from the image, resized to ``size`` and run through
+    ``network`` with its three flips (:class:`tumorseg.inferers.FlipTTAInferer`); the mean
+    probability goes through the same box fit (:class:`tumorseg.transforms.ExpectedDiceBox`), and
+    that box, mapped back, replaces the first.
+    An empty mask stays empty and a window in which the refiner finds nothing keeps the first box:
+    the cascade changes a tumour's extent and place, never whether a slice holds one (so the
+    presence gate's healthy-scan figures hold as they are).
+
+    Args:
+        keys: the box masks to refine.
+        image_key: the image the masks were predicted on (same grid).
+        network: the refiner, one tumour logit, input ``(B, 1, size, size)``.
+        checkpoint: its weights (a state dict).
+        context: window side over the box's longer side (as in the refiner's training).
+        size: the side the window is resized to (the refiner's training size).
+        threshold: probability the refiner must reach for its box to be used.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str,
+        network: torch.nn.Module,
+        checkpoint: str | Path,
+        context: float = 2.0,
+        size: int = 128,
+        threshold: float = 0.5,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        from .inferers import FlipTTAInferer
+        from .predictor import load_weights
+        from .transforms import ExpectedDiceBox
+
+        super().__init__(keys, allow_missing_keys)
+        if not context >= 1.0:
+            raise ValueError(f"context must be >= 1 (the window holds the box), got {context}.")
+        if not size >= 16:
+            raise ValueError(f"size must be >= 16 pixels, got {size}.")
+        self.image_key, self.context, self.size = image_key, float(context), int(size)
+        self.network = network.eval()
+        self.device = next(network.parameters()).device
+        load_weights(self.network, Path(checkpoint), self.device)
+        self.box_fit = ExpectedDiceBox(threshold=threshold)
+        self.inferer = FlipTTAInferer()  # the window and its three flips, as the first stage's TTA
+
+    def refine(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The refined (H, W) mask of one (H, W) image and its box mask."""
+        box = bbox(mask)
+        if box is None:
+            return mask
+        win = window(box, self.context)
+        x = resized(cut(image, win), self.size)[None].to(self.device)
+        with torch.no_grad():
+            prob = torch.sigmoid(self.inferer(x, self.network).float())
+        inside = self.box_fit(prob[0].cpu().numpy())[0]
+        if not inside.any():
+            return mask
+        return paste(resized(inside, win[2], nearest=True)[0].numpy() > 0.5, win, mask.shape)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        image = np.asarray(torch.as_tensor(d[self.image_key]).detach().cpu().float())
+        for key in self.key_iterator(d):
+            masks = np.asarray(torch.as_tensor(d[key]).detach().cpu()) > 0.5
+            if masks.ndim != 3 or image.shape[-2:] != masks.shape[-2:]:
+                raise ValueError(f"expected (C, H, W) masks on the image's grid, got {masks.shape} and {image.shape}.")
+            out = np.stack([self.refine(image[0], m) for m in masks]).astype(np.float32)
+            d[key] = convert_to_dst_type(out, dst=d[key])[0]
+        return d
