@@ -244,3 +244,20 @@ def test_refine_is_part_of_the_box_fit_and_switches_off_from_the_command_line(co
         dice[flag] = json.loads((out / "summary.json").read_text())["per_image"]["dice"]["mean"]
     assert dice["true"] > 0.6 and dice["false"] > 0.6, dice
     assert dice["true"] != dice["false"], dice  # the second stage changed the boxes
+
+
+def test_tumorseg_predict_refines_by_default_and_records_it(tmp_path):
+    """tumorseg-predict runs the second stage with the box fit (the inference config's default) and
+    `--no-refine` keeps the first stage's box; each case's summary says which."""
+    from PIL import Image
+
+    image = sorted((SAMPLE / "test").glob("*.jpg"))[0]
+    boxes = {}
+    for flag in ("--refine", "--no-refine"):
+        out = tmp_path / flag.strip("-")
+        check(run_cli("-m", "tumorseg.predict", str(image), "-o", str(out), flag, "--no-progress"))
+        summary = json.loads((out / f"{image.stem}.json").read_text())
+        assert summary["refine"] is (flag == "--refine") and summary["box_fit"] is True
+        boxes[flag] = np.asarray(Image.open(out / f"{image.stem}_seg.png")) > 0
+        assert boxes[flag].any()  # a tumour slice: a box either way
+    assert not np.array_equal(boxes["--refine"], boxes["--no-refine"])  # the second stage moved it

@@ -188,6 +188,7 @@ def predict_case(
         "threshold": predictor.threshold,
         "tta": predictor.tta,
         "box_fit": predictor.box_fit,
+        "refine": predictor.refine,
         "runtime": predictor.runtime,
         "keep_largest": keep_largest,
         "checkpoint": str(predictor.checkpoint),
@@ -289,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="one rectangle per slice, of highest expected Dice (default: the inference config's box_fit)",
     )
+    p.add_argument(
+        "--refine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refine the box fit's box by the second stage, on a window around it (default: the inference config's refine)",
+    )
     p.add_argument("--keep-largest", action="store_true", help="keep only the largest connected tumour region")
     p.add_argument(
         "--set",
@@ -306,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     from .bundle import parse_overrides
 
     overrides = parse_overrides(args.set)
+    if args.refine is not None:
+        overrides["refine"] = args.refine
     cases, errors = find_cases(args.inputs)
     for line in errors:
         print(f"error: {show(line)}", file=sys.stderr)

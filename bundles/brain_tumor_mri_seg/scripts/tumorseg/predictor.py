@@ -85,7 +85,8 @@ class Predictor:
         min_peak, min_foreground: the presence gate's settings (slices with too little foreground
             are not run at all).
         min_run: volumes: tumours spanning fewer slices are cleared (:func:`drop_short_tumours`).
-        threshold, tta, box_fit: recorded in each case's summary.
+        threshold, tta, box_fit, refine: recorded in each case's summary (``refine``: the box fit's
+            boxes refined by the second stage, a step of ``postprocessing``).
         batch_size: slices of a volume run through the network together.
         image_size: the network's input size (the preprocessing and inferer use it).
         runtime: ``"onnx"``: the network runs in ONNX Runtime (:mod:`tumorseg.onnx_runtime`),
@@ -105,6 +106,7 @@ class Predictor:
         threshold: float = 0.5,
         tta: bool = False,
         box_fit: bool = False,
+        refine: bool = False,
         image_key: str = "image",
         pred_key: str = "pred",
         batch_size: int = 8,
@@ -121,7 +123,7 @@ class Predictor:
         self.preprocess, self.inferer, self.postprocess = preprocessing, inferer, postprocessing
         self.gate = PresenceGate(float(min_peak), float(min_foreground))
         self.min_run, self.threshold = int(min_run), float(threshold)
-        self.tta, self.box_fit = bool(tta), bool(box_fit)
+        self.tta, self.box_fit, self.refine = bool(tta), bool(box_fit), bool(refine)
         self.image_key, self.pred_key = image_key, pred_key
         self.checkpoint = Path(checkpoint)
         self.device = next(network.parameters()).device
