@@ -12,19 +12,32 @@ over the best alone, the same healthy-scan figures (docs/README.md).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "brain_tumor_mri_seg" / "scripts"))
 
-def average(paths: list[Path]) -> dict:
-    states = []
-    for path in paths:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        states.append(state["model"] if isinstance(state.get("model"), dict) else state)
+
+def load_states(paths: list[Path]) -> list[dict]:
+    """The state dicts of ``paths`` (``tumorseg.predictor.read_state``), which must all hold the
+    parameters of one network."""
+    from tumorseg.predictor import read_state
+    from tumorseg.reading import InputError
+
+    try:
+        states = [read_state(path) for path in paths]
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
     keys = set(states[0])
     if any(set(s) != keys for s in states):
         raise SystemExit("error: the checkpoints hold different parameters (another network?)")
+    return states
+
+
+def average(paths: list[Path]) -> dict:
+    states = load_states(paths)
     return {k: sum(s[k].float() for s in states) / len(states) if states[0][k].is_floating_point() else states[0][k]
             for k in states[0]}  # fmt: skip
 

@@ -197,14 +197,12 @@ def main() -> None:
 
 def log_run(args, summary: dict, history: list[float], weights: Path) -> None:
     """One MLflow run, nested under the training run of stage 1's weights (the shipped model)."""
-    import time as clock
-
     from mlflow.entities import Metric, Param
 
     from tumorseg.tracking import file_digest, run_of_weights
 
     client, run = run_of_weights(args.tracking_dir, args.experiment, BUNDLE / "models" / "model.pt", "cascade", args.name)
-    now = int(clock.time() * 1000)
+    now = int(time.time() * 1000)
     metrics = [Metric(f"valid_dice_{k}", summary[k], now, 0) for k in ("stage1", "cascade", "stage2_on_true_window")]
     metrics += [Metric("train_loss", loss, now, epoch) for epoch, loss in enumerate(history, start=1)]
     params = {**summary["settings"], "stage2_sha256": file_digest(weights, None), "valid_slices": summary["slices"]}

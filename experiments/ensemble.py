@@ -18,16 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "brain_
 
 
 def pack(paths: list[Path]) -> dict:
-    import torch
+    from average_weights import load_states  # beside this script: one reader, one same-network check
 
-    states = []
-    for path in paths:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        states.append(state["model"] if isinstance(state.get("model"), dict) else state)
-    keys = set(states[0])
-    if any(set(s) != keys for s in states):
-        raise SystemExit("error: the weights hold different parameters (members must be the same network)")
-    return {f"members.{m}.{k}": v for m, state in enumerate(states) for k, v in state.items()}
+    return {f"members.{m}.{k}": v for m, state in enumerate(load_states(paths)) for k, v in state.items()}
 
 
 def main() -> None:

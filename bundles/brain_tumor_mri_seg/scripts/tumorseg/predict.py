@@ -313,8 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     from .bundle import parse_overrides
 
     overrides = parse_overrides(args.set)
-    if args.refine is not None:
-        overrides["refine"] = args.refine
     cases, errors = find_cases(args.inputs)
     for line in errors:
         print(f"error: {show(line)}", file=sys.stderr)
@@ -325,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.output}: the output must be a folder, and this is a file", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor.from_bundle(args.bundle, args.checkpoint, overrides, tta=args.tta, box_fit=args.box_fit)
+        predictor = Predictor.from_bundle(
+            args.bundle, args.checkpoint, overrides, tta=args.tta, box_fit=args.box_fit, refine=args.refine
+        )
     except InputError as e:
         print(f"error: {show(e)}", file=sys.stderr)
         return 2

@@ -13,10 +13,10 @@ from .bundle import BUNDLE
 from .reading import InputError
 
 
-def load_weights(network, checkpoint: Path, device) -> None:
-    """Load a state dict into ``network`` with ``weights_only=True`` (a pickle that is not plain
-    weights is refused, never executed); accepts a training checkpoint ``{"model": state}``.
-    Raises :class:`InputError` naming the file and the problem."""
+def read_state(checkpoint: Path, device="cpu") -> dict:
+    """The state dict in ``checkpoint``, loaded with ``weights_only=True`` (a pickle that is not
+    plain weights is refused, never executed); a training checkpoint ``{"model": state}`` gives
+    its model. Raises :class:`InputError` naming the file and the problem."""
     import torch
 
     try:
@@ -29,6 +29,13 @@ def load_weights(network, checkpoint: Path, device) -> None:
         state = state["model"]
     if not isinstance(state, dict):
         raise InputError(f"{checkpoint}: not a state dict of the network")
+    return state
+
+
+def load_weights(network, checkpoint: Path, device) -> None:
+    """Load the weights of ``checkpoint`` (:func:`read_state`) into ``network``. Raises
+    :class:`InputError` naming the file and the problem."""
+    state = read_state(checkpoint, device)
     try:
         network.load_state_dict(state)
     except RuntimeError as e:
@@ -152,14 +159,15 @@ class Predictor:
         overrides: dict | None = None,
         tta: bool | None = None,
         box_fit: bool | None = None,
+        refine: bool | None = None,
     ) -> Predictor:
         """The ``predictor`` of the bundle's inference config (``common.yaml`` + ``inference.yaml``),
-        with config ``overrides`` (e.g. ``{"image_size": 128}``); ``tta``/``box_fit`` None keep the
-        config's. Raises :class:`InputError` for a config or weights that do not build."""
+        with config ``overrides`` (e.g. ``{"image_size": 128}``); ``tta``/``box_fit``/``refine`` None keep
+        the config's. Raises :class:`InputError` for a config or weights that do not build."""
         from .bundle import inference_parser
 
         overrides = dict(overrides or {})
-        for key, value in (("tta", tta), ("box_fit", box_fit), ("checkpoint", checkpoint)):
+        for key, value in (("tta", tta), ("box_fit", box_fit), ("refine", refine), ("checkpoint", checkpoint)):
             if value is not None:
                 overrides[key] = str(value) if isinstance(value, Path) else value
         parser = inference_parser(bundle, overrides)

@@ -63,7 +63,9 @@ def paste(mask: np.ndarray, win, shape) -> np.ndarray:
 
 def resized(array: np.ndarray, size: int, nearest: bool = False) -> torch.Tensor:
     """A square (H, W) array as a (1, size, size) float tensor: bilinear with anti-aliasing
-    (images) or nearest (masks)."""
+    (images) or nearest (masks). Torch's own anti-aliased interpolation, not MONAI's ``Resize``
+    (a Gaussian pre-filter): the shipped refiner was trained on windows resized this way, and
+    training and inference must resize alike."""
     import torch.nn.functional as F
 
     t = torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)[None, None]
