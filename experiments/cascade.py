@@ -24,6 +24,7 @@ gives the box's centre and size away).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
 sys.path.insert(0, str(BUNDLE / "scripts"))
 
+from tumorseg.files import write_atomic  # noqa: E402
 from tumorseg.refine import BoxRefined, bbox, cut, resized, window  # noqa: E402  (the bundle's code, one definition)
 
 
@@ -76,7 +78,7 @@ def stage1_boxes(dataset_dir: Path, valid, path: Path) -> dict:
         boxes[case["name"]] = bbox(mask)
         print(f"\rstage 1: {k + 1}/{len(valid)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    path.write_text(json.dumps(boxes))
+    write_atomic(path, json.dumps(boxes).encode())
     return boxes
 
 
@@ -172,8 +174,10 @@ def main() -> None:
             history = json.loads((args.out / "history.json").read_text())
     else:
         net, history = train(train_set, args, rng)
-        torch.save(net.state_dict(), weights)
-        (args.out / "history.json").write_text(json.dumps(history))
+        buffer = io.BytesIO()
+        torch.save(net.state_dict(), buffer)
+        write_atomic(args.out / "history.json", json.dumps(history).encode())
+        write_atomic(weights, buffer.getvalue())  # last: a run stopped before this trains again
     refiner = BoxRefined("pred", "image", net, weights, context=args.context, size=args.crop_size, threshold=args.level)
     rows = []
     for case in valid:
@@ -189,7 +193,7 @@ def main() -> None:
                      "stage2_on_true_window": dice(oracle, case["label"])})  # fmt: skip
     summary = {key: float(np.mean([r[key] for r in rows])) for key in ("stage1", "cascade", "stage2_on_true_window")}
     summary.update(slices=len(rows), settings={k: str(v) for k, v in vars(args).items()})
-    (args.out / args.summary).write_text(json.dumps({**summary, "rows": rows}, indent=1))
+    write_atomic(args.out / args.summary, json.dumps({**summary, "rows": rows}, indent=1).encode())
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=1))
     if args.tracking_dir:
         log_run(args, summary, history, weights)

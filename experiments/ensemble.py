@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("weights", nargs="+", type=Path)
     ap.add_argument("-o", "--output", type=Path, required=True)
     args = ap.parse_args()
+    if args.output.exists():  # never over a file this command did not write
+        raise SystemExit(f"error: {args.output}: exists; give another output name")
     buffer = io.BytesIO()
     torch.save(pack(args.weights), buffer)
     write_atomic(args.output, buffer.getvalue())
