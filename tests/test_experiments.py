@@ -269,9 +269,9 @@ def test_mean_ensemble_of_packed_weights_runs_through_evaluate(converted_sample,
 
 
 def test_cascade_screen_refines_stage_one_boxes_and_logs_an_mlflow_run(converted_sample, tmp_path):
-    """experiments/cascade.py: stage 2 trains on windows around the true boxes, then refines the
-    shipped model's boxes on `valid`; the three per-image Dice figures land in summary.json and in
-    one MLflow run."""
+    """experiments/cascade.py: stage 2 trains through the bundle (configs/train_refiner.yaml) on
+    windows around the true boxes, then refines the shipped model's boxes on `valid`; the three
+    per-image Dice figures land in summary.json and in one MLflow run, linked to the training run."""
     from tumorseg.tracking import open_store
 
     out, store = tmp_path / "cascade", tmp_path / "mlflow"
@@ -283,9 +283,13 @@ def test_cascade_screen_refines_stage_one_boxes_and_logs_an_mlflow_run(converted
     for key in ("stage1", "cascade", "stage2_on_true_window"):
         assert 0.0 <= summary[key] <= 1.0
     assert summary["stage1"] > 0.5  # the shipped model finds the sample's tumours
-    assert (out / "stage2.pt").is_file() and (out / "stage1.json").is_file()
+    assert (out / "stage2.pt").read_bytes() == (out / "models" / "model.pt").read_bytes()  # the bundle training's best
+    assert (out / "stage1.json").is_file() and (out / "eval" / "metrics.jsonl").is_file()
 
     client, experiment_id = open_store(store)
     (run,) = client.search_runs([experiment_id], filter_string="attributes.run_name = 'cascade_test'")
     assert run.data.metrics["valid_dice_cascade"] == pytest.approx(summary["cascade"])
     assert run.data.params["crop_size"] == "64" and run.data.tags["workflow"] == "cascade"
+    training_run = run.data.params["refiner_training_run"]
+    (trained,) = client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{training_run}'")
+    assert trained.data.params["stage"] == "refiner" and trained.data.params["refine_size"] == "64"

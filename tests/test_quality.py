@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, INFERENCE, SAMPLE, check, configs, run_cli
+from conftest import BUNDLE, INFERENCE, REPO, SAMPLE, check, configs, run_cli
 
 WEIGHTS = BUNDLE / "models" / "model.pt"
 
@@ -222,6 +222,75 @@ def test_box_refined_moves_the_box_onto_what_the_refiner_sees_and_never_changes_
         BoxRefined("pred", "image", _Brightness(), weights, context=0.5)
     with pytest.raises(Exception, match="refiner.pt: no model weights"):
         BoxRefined("pred", "image", _Brightness(), tmp_path / "missing" / "refiner.pt")
+
+
+def test_box_window_cuts_the_refiners_training_input_around_the_label_box():
+    """tumorseg.refine.BoxWindowd: image and label cut to the window BoxRefined would cut around the
+    label's box (without jitter), resized to the refiner's size; jitter moves and scales it within
+    its bounds; a slice without a box is taken whole."""
+    from tumorseg.refine import BoxWindowd, bbox
+
+    image = torch.rand(1, 200, 200)
+    label = torch.zeros(1, 200, 200)
+    label[0, 60:100, 80:100] = 1  # 40 x 20: the window is 80 px, centred on it
+    exact = BoxWindowd(["image", "label"], "label", context=2.0, size=64)({"image": image, "label": label})
+    assert exact["image"].shape == exact["label"].shape == (1, 64, 64)
+    assert bbox(np.asarray(exact["label"][0]) > 0) == (16, 24, 48, 40)  # the box, at 64/80 of its size, centred
+    assert torch.allclose(exact["image"].mean(), image[0, 40:120, 50:130].mean(), atol=0.01)  # the window's pixels
+
+    jittered = BoxWindowd(["image", "label"], "label", context=2.0, size=64, jitter=0.2, scale_jitter=0.3)
+    jittered.set_random_state(0)
+    boxes = {bbox(np.asarray(jittered({"image": image, "label": label})["label"][0]) > 0) for _ in range(20)}
+    assert len(boxes) > 10  # moved and scaled every time ...
+    for r0, _, r1, _ in boxes:  # ... within the bounds: shift <= 0.2 box, side within exp(+-0.3)
+        assert 32 / np.exp(0.3) - 1 <= r1 - r0 <= 32 * np.exp(0.3) + 1
+        assert abs((r0 + r1) / 2 - 32) <= 0.2 * 40 * 64 / (80 / np.exp(0.3)) + 1
+
+    whole = BoxWindowd(["image", "label"], "label", size=50)({"image": image, "label": torch.zeros(1, 200, 200)})
+    assert whole["image"].shape == (1, 50, 50) and not whole["label"].any()
+    with pytest.raises(ValueError, match="jitter must be in"):
+        BoxWindowd(["image", "label"], "label", jitter=0.7)
+
+
+@pytest.mark.slow
+def test_refiner_trains_through_the_bundle_and_evaluate_uses_it(converted_sample, tmp_path):
+    """configs/train_refiner.yaml: the real `monai.bundle run training` trains the second stage
+    (tracked in MLflow as a training run of stage `refiner` that registers no model) and keeps the
+    last epoch's weights, and `--refiner_checkpoint` puts them into evaluate's cascade."""
+    import hashlib
+
+    import mlflow
+
+    models, store = tmp_path / "models", tmp_path / "mlflow"
+    train_refiner = configs("train_refiner.yaml")
+    check(run_cli("-m", "monai.bundle", "run", "training", "--config_file", train_refiner, "--dataset_dir",
+                  str(converted_sample), "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "eval"),
+                  "--max_epochs", "2", "--refine_size", "32", "--num_workers", "0",
+                  "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(store)))  # fmt: skip
+    weights = models / "model.pt"
+    state = torch.load(weights, weights_only=True)
+    last = torch.load(models / "last" / "checkpoint_epoch=2.pt", weights_only=True)["model"]
+    assert state.keys() == last.keys() and all(torch.equal(state[k], last[k]) for k in state)  # the last epoch's
+    client = mlflow.MlflowClient(f"sqlite:///{store}/mlruns.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("brain_tumor_mri_seg").experiment_id])
+    assert run.data.params["stage"] == "refiner" and run.data.params["refine_size"] == "32"
+    assert "val_mean_dice" in run.data.metrics and not client.search_registered_models()
+    listed = check(run_cli("-m", "tumorseg.runs", "--tracking-dir", str(store))).stdout
+    assert f"{run.info.run_name} [finished] second stage (refiner)" in listed
+
+    out = tmp_path / "evaluate"
+    check(run_cli("-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"), "--dataset_dir",
+                  str(converted_sample), "--eval_list", "test", "--eval_dir", str(out),
+                  "--refiner_checkpoint", str(weights), "--refine_size", "32",
+                  "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(store)))  # fmt: skip
+    (evaluated,) = client.search_runs([run.info.experiment_id], filter_string="tags.workflow = 'evaluate'")
+    assert evaluated.data.params["refiner_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()[:16]  # which refiner
+    shipped = tmp_path / "shipped"
+    check(run_cli("-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"), "--dataset_dir",
+                  str(converted_sample), "--eval_list", "test", "--eval_dir", str(shipped)))  # fmt: skip
+    rows = [(p / "per_image.csv").read_text().splitlines() for p in (out, shipped)]
+    assert len(rows[0]) == len(rows[1]) > 1
+    assert rows[0] != rows[1]  # the new refiner placed the boxes
 
 
 def test_refine_is_part_of_the_box_fit_and_switches_off_from_the_command_line(converted_sample, tmp_path):

@@ -14,6 +14,7 @@ BUNDLE = Path(__file__).resolve().parents[2]
 # the config files each workflow layers, in order (as `python -m monai.bundle run --config_file`)
 WORKFLOWS = {
     "train": ("common.yaml", "train.yaml"),
+    "train_refiner": ("common.yaml", "train.yaml", "train_refiner.yaml"),  # the second stage
     "evaluate": ("common.yaml", "train.yaml", "evaluate.yaml"),
     "inference": ("common.yaml", "inference.yaml"),
     "multi_gpu_train": ("common.yaml", "train.yaml", "multi_gpu_train.yaml"),

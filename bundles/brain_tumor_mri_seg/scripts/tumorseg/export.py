@@ -3,9 +3,10 @@
 The export is the bundle folder as it is (configs, docs, LICENSE, its own code under
 ``scripts/``), with the weights chosen (``--checkpoint``, default ``models/model.pt``) as
 ``models/model.pt``; what training and evaluation write into the bundle (``eval/``,
-``models/last/``) and Python's caches stay out. Nothing in it is rewritten: the configs already
-reach the bundle's code as ``scripts.tumorseg.*`` and every path from ``bundle_root``. MONAI
-Label's app (``monailabel_app/main.py``) layers ``common.yaml`` under the workflow it loads.
+``models/last/``, the second stage's ``models/refiner/``) and Python's caches stay out. Nothing
+in it is rewritten: the configs already reach the bundle's code as ``scripts.tumorseg.*`` and
+every path from ``bundle_root``. MONAI Label's app (``monailabel_app/main.py``) layers
+``common.yaml`` under the workflow it loads.
 
 A re-export replaces the previous one only once the new one is built and checked beside it (its
 weights loaded into ``network_def``), never touches the source bundle, and keeps what others
@@ -29,7 +30,7 @@ from pathlib import Path
 from .bundle import BUNDLE
 
 # written into the bundle by its workflows, never part of an export
-LEFT_OUT = shutil.ignore_patterns("__pycache__", "*.pyc", "eval", "last", ".tumorseg-*")
+LEFT_OUT = shutil.ignore_patterns("__pycache__", "*.pyc", "eval", "last", "refiner", ".tumorseg-*")
 # what an export wrote ({relative path: sha256}): a re-export replaces those files only, and keeps
 # any other file (or changed one) found in the export, e.g. weights MONAI Label saved there
 MANIFEST = ".tumorseg-export.json"

@@ -2,8 +2,9 @@
 II"): the first stage's box is refined by a network that sees only a square window around it.
 
 The window's geometry (``window``, ``cut``, ``paste``) is shared by the refiner's training
-(``experiments/cascade.py``, windows around the true boxes, jittered) and by :class:`BoxRefined`,
-the post-processing step that applies it (``common.yaml``'s ``postprocessing``, after the box fit).
+(:class:`BoxWindowd`: windows around the true boxes, jittered; ``configs/train_refiner.yaml`` and
+``experiments/cascade.py``) and by :class:`BoxRefined`, the post-processing step that applies it
+(``common.yaml``'s ``postprocessing``, after the box fit).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, Randomizable
 from monai.utils import convert_to_dst_type
 
-__all__ = ["BoxRefined", "bbox", "cut", "paste", "resized", "window"]
+__all__ = ["BoxRefined", "BoxWindowd", "bbox", "cut", "paste", "resized", "window"]
 
 
 def bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -72,6 +73,78 @@ def resized(array: np.ndarray, size: int, nearest: bool = False) -> torch.Tensor
     if nearest:
         return F.interpolate(t, size=(size, size), mode="nearest")[0]
     return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+class BoxWindowd(Randomizable, MapTransform):
+    """The refiner's training input: image and label cut to a square window around the label's box.
+
+    The window is :func:`window` of the label's bounding box with ``context``, moved by
+    ``U(-jitter, jitter)`` of the box's height and width and scaled by ``exp(U(-scale_jitter,
+    scale_jitter))``, as a first stage's box is off in place and size; both keys are cut from it
+    and resized to ``size`` (:func:`resized`: the image bilinear with anti-aliasing, masks nearest,
+    as :class:`BoxRefined` resizes at inference). With both jitters 0 the window is the one
+    :class:`BoxRefined` would cut around a perfect first box (validation). A slice without a box
+    is taken whole (the refiner never sees one at inference: there it keeps the first stage's "no
+    tumour").
+
+    Args:
+        keys: the (1, H, W) arrays to cut (image and label), on one grid.
+        box_key: the label whose foreground's bounding box is refined.
+        context, size: as :class:`BoxRefined` (the window's side over the box's longer side; the
+            side the window is resized to).
+        jitter: largest shift of the window's centre, in box heights and widths.
+        scale_jitter: largest log-scale change of the window's side.
+        nearest_keys: keys resized with nearest neighbour (default: ``box_key``).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        box_key: str,
+        context: float = 2.0,
+        size: int = 128,
+        jitter: float = 0.0,
+        scale_jitter: float = 0.0,
+        nearest_keys: KeysCollection | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if not context >= 1.0:
+            raise ValueError(f"context must be >= 1 (the window holds the box), got {context}.")
+        if not size >= 16:
+            raise ValueError(f"size must be >= 16 pixels, got {size}.")
+        if not (0.0 <= jitter < 0.5 and 0.0 <= scale_jitter < 1.0):
+            raise ValueError(f"jitter must be in [0, 0.5) and scale_jitter in [0, 1), got {jitter} and {scale_jitter}.")
+        self.box_key, self.context, self.size = box_key, float(context), int(size)
+        self.jitter, self.scale_jitter = float(jitter), float(scale_jitter)
+        if nearest_keys is None:
+            nearest_keys = [box_key]
+        self.nearest = {nearest_keys} if isinstance(nearest_keys, str) else set(nearest_keys)
+        self._shift, self._scale = (0.0, 0.0), 1.0
+
+    def randomize(self, data=None) -> None:
+        self._scale = float(np.exp(self.R.uniform(-self.scale_jitter, self.scale_jitter)))
+        self._shift = tuple(float(v) for v in self.R.uniform(-self.jitter, self.jitter, 2))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize()
+        label = np.asarray(torch.as_tensor(d[self.box_key]).detach().cpu())
+        if label.ndim != 3 or label.shape[0] != 1:
+            raise ValueError(f"expected a (1, H, W) {self.box_key}, got shape {label.shape}.")
+        box = bbox(label[0] > 0.5)
+        if box is None:  # no tumour: the whole slice
+            box, context, shift = (0, 0, *label.shape[1:]), 1.0, (0.0, 0.0)
+        else:
+            context, shift = self.context * self._scale, self._shift
+        win = window(box, context, shift)
+        for key in self.key_iterator(d):
+            array = np.asarray(torch.as_tensor(d[key]).detach().cpu().float())
+            if array.ndim != 3 or array.shape[1:] != label.shape[1:]:
+                raise ValueError(f"expected (C, H, W) {key} on the {self.box_key}'s grid, got shape {array.shape}.")
+            out = torch.cat([resized(cut(channel, win), self.size, nearest=key in self.nearest) for channel in array])
+            d[key] = convert_to_dst_type(out, dst=d[key])[0]
+        return d
 
 
 class BoxRefined(MapTransform):

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MLflow store: {uri}  (experiment {args.experiment!r}, id {experiment.experiment_id})")
     for run in reversed(runs):
         figures = "  ".join(f"{k}={run.data.metrics[k]:.4f}" for k in KEY_METRICS if k in run.data.metrics)
-        print(f"- {run.info.run_name} [{run.info.status.lower()}] run_id={run.info.run_id}")
+        stage = " second stage (refiner)" if run.data.params.get("stage") == "refiner" else ""
+        print(f"- {run.info.run_name} [{run.info.status.lower()}]{stage} run_id={run.info.run_id}")
         if "val_mean_dice" in run.data.metrics:
             history = client.get_metric_history(run.info.run_id, "val_mean_dice")
             best = max(history, key=lambda m: m.value)
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
         print(f"Open the UI with `make mlflow-ui` (or `{ui}`), then {ui_base}")
-    trained = [r for r in runs if r.data.tags.get("workflow") == "train"][:2]
+    trained = [r for r in runs if r.data.tags.get("workflow") == "train"]
+    trained = [r for r in trained if r.data.params.get("stage") == trained[0].data.params.get("stage")][:2]  # like with like
     if len(trained) == 2:
         ids = ",".join(f'"{r.info.run_id}"' for r in trained)
         print(
