@@ -1,6 +1,7 @@
 """Inference speed of tumorseg-predict's path: one 256x256 slice and the 197x233x189 MNI152
 volume, with and without flip TTA, the network in eager PyTorch and in ONNX Runtime (the default
-on CPU), on this machine's device.
+on CPU), on this machine's device; and the second stage's cost on the sample's tumour slices
+(the healthy volume has no box to refine).
 
     python benchmarks/inference.py --checkpoint bundles/brain_tumor_mri_seg/models/model.pt
 
@@ -164,6 +165,22 @@ def main() -> None:
                 lambda predictor=predictor: predictor.predict_volume(volume, axis=2), predictor.device, warmup=1, min_calls=1
             )
             row("MNI152 197x233x189 (189 slices)", runtime, tta, t)
+    # the second stage runs only where the first put a box: the sample's tumour slices (640x640 JPG)
+    from PIL import Image
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "brain-tumor-coco-sample" / "test"
+    tumours = [np.asarray(Image.open(p).convert("L"), dtype=np.float32).T for p in sorted(sample.glob("*.jpg"))]
+    print(f"\n{'case (TTA and box fit on)':34s} {'runtime':>8s} {'refine':>6s} {'s/slice':>9s}")
+    for runtime in runtimes:
+        for refine in (False, True):
+            predictor = Predictor.from_bundle(checkpoint=args.checkpoint, tta=True, refine=refine, overrides={"runtime": runtime})
+
+            def all_slices(predictor=predictor):
+                return [predictor.predict_volume(s) for s in tumours]
+
+            t = seconds_per_call(all_slices, predictor.device, warmup=1, min_calls=3) / len(tumours)
+            case = f"{len(tumours)} sample tumour slices"
+            print(f"{case:34s} {runtime:>8s} {'on' if refine else 'off':>6s} {t:9.4f}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mni152.nii.gz"
         template.to_filename(path)

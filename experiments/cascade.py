@@ -18,7 +18,10 @@ Written to ``--out``: ``models/`` and ``eval/`` (the bundle training's checkpoin
 panels), ``stage2.pt`` (the weights screened; a later run evaluates them again), ``stage1.json``
 (stage 1's box per `valid` slice, reused by later runs) and ``summary.json``: per-image Dice on
 `valid` of stage 1 alone, of the cascade, and of stage 2 on windows centred on the true boxes (a
-bound, not a result: such a window gives the box's centre and size away).
+bound, not a result: such a window gives the box's centre and size away), with the shares of
+slices each leaves under 0.1 (misses: no box, or a box on something else) and under 0.5.
+``--split training`` measures the same on the training slices (``stage1_training.json``,
+``summary_training.json``; stage 1 and the refiner learned from them: a measure of fit).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def stage1_boxes(dataset_dir: Path, valid, path: Path) -> dict:
-    """Stage 1's box per `valid` slice (the shipped predictor), cached in ``path``."""
+    """Stage 1's box per slice of ``valid`` (the shipped predictor), cached in ``path``."""
     if path.is_file():
         return json.loads(path.read_text())
     from tumorseg.predictor import Predictor
@@ -149,12 +152,16 @@ def main() -> None:
     ap.add_argument("--tracking_dir", default=str(REPO / "mlflow"), help="MLflow store folder ('' for none)")
     ap.add_argument("--experiment", default="brain_tumor_mri_seg")
     ap.add_argument("--name", default="cascade", help="MLflow run name")
-    ap.add_argument("--limit", type=int, default=None, help="the first N `valid` slices (a quick check)")
+    ap.add_argument("--split", default="validation", help="the datalist key of the slices measured")
+    ap.add_argument("--limit", type=int, default=None, help="the first N slices measured (a quick check)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     image_size = int(network_config("image_size"))
-    valid = load_split(args.dataset_dir, "validation", image_size)[: args.limit]  # as evaluate sees them
-    boxes = stage1_boxes(args.dataset_dir, valid, args.out / "stage1.json")
+    valid = load_split(args.dataset_dir, args.split, image_size)[: args.limit]  # as evaluate sees them
+    suffix = "" if args.split == "validation" else f"_{args.split}"
+    if args.summary == "summary.json":
+        args.summary = f"summary{suffix}.json"
+    boxes = stage1_boxes(args.dataset_dir, valid, args.out / f"stage1{suffix}.json")
     weights = args.out / "stage2.pt"
     if not weights.is_file():  # trained before: evaluate it again (other --context, --rounds)
         source = args.refiner or train_in_bundle(args)
@@ -175,6 +182,9 @@ def main() -> None:
         rows.append({"image": case["name"], "stage1": dice(first, case["label"]), "cascade": dice(cascade, case["label"]),
                      "stage2_on_true_window": dice(oracle, case["label"])})  # fmt: skip
     summary = {key: float(np.mean([r[key] for r in rows])) for key in ("stage1", "cascade", "stage2_on_true_window")}
+    for key in ("stage1", "cascade"):
+        for level in (0.1, 0.5):
+            summary[f"{key}_under_{level}"] = float(np.mean([r[key] < level for r in rows]))
     summary.update(slices=len(rows), settings={k: str(v) for k, v in vars(args).items()})
     write_atomic(args.out / args.summary, json.dumps({**summary, "rows": rows}, indent=1).encode())
     print(json.dumps({k: v for k, v in summary.items() if k != "settings"}, indent=1))
@@ -190,9 +200,11 @@ def log_run(args, summary: dict, history: list[float], weights: Path) -> None:
 
     client, run = run_of_weights(args.tracking_dir, args.experiment, BUNDLE / "models" / "model.pt", "cascade", args.name)
     now = int(time.time() * 1000)
-    metrics = [Metric(f"valid_dice_{k}", summary[k], now, 0) for k in ("stage1", "cascade", "stage2_on_true_window")]
+    split = "valid" if args.split == "validation" else args.split
+    metrics = [Metric(f"{split}_dice_{k}", summary[k], now, 0) for k in ("stage1", "cascade", "stage2_on_true_window")]
+    metrics += [Metric(f"{split}_{k}", v, now, 0) for k, v in summary.items() if "_under_" in k]
     metrics += [Metric("train_loss", loss, now, epoch) for epoch, loss in enumerate(history, start=1)]
-    params = {**summary["settings"], "stage2_sha256": file_digest(weights, None), "valid_slices": summary["slices"]}
+    params = {**summary["settings"], "stage2_sha256": file_digest(weights, None), f"{split}_slices": summary["slices"]}
     record = args.out / "models" / "last" / "mlflow_run_name"
     if args.refiner is None and record.is_file():  # the bundle training run that made stage 2
         params["refiner_training_run"] = record.read_text().strip()

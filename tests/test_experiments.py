@@ -293,3 +293,15 @@ def test_cascade_screen_refines_stage_one_boxes_and_logs_an_mlflow_run(converted
     training_run = run.data.params["refiner_training_run"]
     (trained,) = client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{training_run}'")
     assert trained.data.params["stage"] == "refiner" and trained.data.params["refine_size"] == "64"
+    under = [r["cascade"] < 0.5 for r in summary["rows"]]
+    assert summary["cascade_under_0.5"] == pytest.approx(sum(under) / len(under))
+
+    # the same weights measured on the training slices (no second training), beside the first run's files
+    check(run_cli(script, "--dataset_dir", str(converted_sample), "--out", str(out), "--split", "training", "--limit", "3",
+                  "--crop_size", "64", "--tracking_dir", str(store), "--name", "cascade_test_training"))  # fmt: skip
+    fit = json.loads((out / "summary_training.json").read_text())
+    assert fit["slices"] == 3 and (out / "stage1_training.json").is_file()
+    assert summary == json.loads((out / "summary.json").read_text())  # the first run's kept
+    (run,) = client.search_runs([experiment_id], filter_string="attributes.run_name = 'cascade_test_training'")
+    assert run.data.metrics["training_dice_cascade"] == pytest.approx(fit["cascade"])
+    assert len(client.search_runs([experiment_id], filter_string="params.stage = 'refiner'")) == 1  # trained once

@@ -36,7 +36,14 @@ def test_logits_equal_eager_within_1e4(predictors):
         assert (eager.inferer(wide, eager.network) - onnx.inferer(wide, onnx.network)).abs().max().item() < 1e-4
 
 
+def refiner_of(predictor):
+    (refiner,) = [t for t in predictor.postprocess.transforms if type(t).__name__ == "BoxRefined"]
+    return refiner
+
+
 def test_masks_equal_eager_on_slices_and_a_volume(predictors):
+    """Both stages: the second (the refiner) runs in the predictor's runtime too."""
+    assert {runtime: refiner_of(p).runtime for runtime, p in predictors.items()} == {"torch": "torch", "onnx": "onnx"}
     slices = [np.asarray(Image.open(p).convert("L"), dtype=np.float32).T for p in sorted((SAMPLE / "test").glob("*.jpg"))[:4]]
     volume = np.stack(slices, axis=-1)
     masks = {runtime: p.predict_volume(volume)[0] for runtime, p in predictors.items()}
@@ -52,7 +59,8 @@ def test_the_export_is_cached_per_weights(predictors):
     assert again.network.path == path and path.stat().st_mtime_ns == before  # loaded, not exported again
     other = Predictor.from_bundle(overrides={"runtime": "onnx", "image_size": 128})  # another graph
     assert other.network.path != path
-    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, other.network.path.name])  # no temporaries
+    refiner = refiner_of(predictors["onnx"]).network.path  # the second stage's graph, one for both
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, other.network.path.name, refiner.name])
 
 
 def test_an_unknown_runtime_is_one_clear_error():

@@ -137,12 +137,12 @@ class Predictor:
         self.network = network.eval()
         load_weights(self.network, self.checkpoint, self.device)
         self.batch_size = batch_size
-        if runtime not in ("auto", "onnx", "torch"):
-            raise InputError(f"bundle config: runtime must be auto, onnx or torch, not {runtime!r}")
-        if runtime == "auto":
-            from . import onnx_runtime
+        from . import onnx_runtime
 
-            runtime = "onnx" if self.device.type == "cpu" and onnx_runtime.available() else "torch"
+        try:
+            runtime = onnx_runtime.resolve(runtime, self.device)
+        except ValueError as e:
+            raise InputError(f"bundle config: {e}") from None
         if runtime == "onnx":
             from .onnx_runtime import OnnxNetwork
 
@@ -174,11 +174,15 @@ class Predictor:
         try:
             return parser.get_parsed_content("predictor")
         except RuntimeError as e:  # MONAI wraps what the component raised
-            cause = e.__cause__ or e.__context__
-            while cause is not None and type(cause).__name__ != "InputError":
+            chain, cause = [], e.__cause__ or e.__context__
+            while cause is not None:
+                chain.append(cause)
                 cause = cause.__cause__ or cause.__context__
-            if cause is not None:  # ours, whichever copy of the code raised it
-                raise InputError(str(cause)) from None
+            ours = [c for c in chain if type(c).__name__ == "InputError"]
+            if ours:  # ours, whichever copy of the code raised it
+                raise InputError(str(ours[0])) from None
+            if chain and isinstance(chain[-1], ValueError):  # a component's argument check
+                raise InputError(f"bundle config: {chain[-1]}") from None
             raise InputError(f"bundle config: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}") from None
         except (ValueError, TypeError, KeyError) as e:
             raise InputError(f"bundle config: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}") from None

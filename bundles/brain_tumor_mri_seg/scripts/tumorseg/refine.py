@@ -168,6 +168,8 @@ class BoxRefined(MapTransform):
         context: window side over the box's longer side (as in the refiner's training).
         size: the side the window is resized to (the refiner's training size).
         threshold: probability the refiner must reach for its box to be used.
+        runtime: ``"onnx"``: the refiner runs in ONNX Runtime (:mod:`tumorseg.onnx_runtime`),
+            ``"torch"``: eager PyTorch, ``"auto"``: ONNX Runtime on a CPU where it is installed.
     """
 
     def __init__(
@@ -179,8 +181,10 @@ class BoxRefined(MapTransform):
         context: float = 2.0,
         size: int = 128,
         threshold: float = 0.5,
+        runtime: str = "torch",
         allow_missing_keys: bool = False,
     ) -> None:
+        from . import onnx_runtime
         from .inferers import FlipTTAInferer
         from .predictor import load_weights
         from .transforms import ExpectedDiceBox
@@ -194,6 +198,9 @@ class BoxRefined(MapTransform):
         self.network = network.eval()
         self.device = next(network.parameters()).device
         load_weights(self.network, Path(checkpoint), self.device)
+        self.runtime = onnx_runtime.resolve(runtime, self.device)
+        if self.runtime == "onnx":
+            self.network = onnx_runtime.OnnxNetwork(self.network, self.size)
         self.box_fit = ExpectedDiceBox(threshold=threshold)
         self.inferer = FlipTTAInferer()  # the window and its three flips, as the first stage's TTA
 
