@@ -42,8 +42,8 @@ from tumorseg.files import write_atomic  # noqa: E402
 from tumorseg.refine import BoxRefined, bbox, resized  # noqa: E402  (the bundle's code, one definition)
 
 
-def load_split(dataset_dir: Path, key: str, source_size: int | None = None):
-    """The split's slices scaled to [0, 1] (and resized to ``source_size``), with their labels."""
+def load_split(dataset_dir: Path, key: str, source_size: int):
+    """The split's slices scaled to [0, 1] and resized to ``source_size``, with their labels."""
     from monai.data import load_decathlon_datalist
 
     from tumorseg.reading import read_slice
@@ -55,9 +55,9 @@ def load_split(dataset_dir: Path, key: str, source_size: int | None = None):
         lo, hi = float(image.min()), float(image.max())
         image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)  # ScaleIntensity, per slice
         label = read_slice(Path(item["label"])) > 0
-        if source_size:  # the slice at the network's resolution, as evaluate sees it (square slices)
-            image = resized(image, source_size)[0].numpy()
-            label = resized(label.astype(np.float32), source_size, nearest=True)[0].numpy() > 0.5
+        # the slice at the network's resolution, as evaluate sees it (square slices)
+        image = resized(image, source_size)[0].numpy()
+        label = resized(label.astype(np.float32), source_size, nearest=True)[0].numpy() > 0.5
         out.append({"name": Path(item["image"]).name, "image": image, "label": label})
     return out
 

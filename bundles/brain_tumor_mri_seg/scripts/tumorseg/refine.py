@@ -62,6 +62,16 @@ def paste(mask: np.ndarray, win, shape) -> np.ndarray:
     return out
 
 
+def checked_window(context: float, size: int) -> tuple[float, int]:
+    """The window settings shared by training and inference, checked: ``context`` (window side
+    over the box's longer side) at least 1, ``size`` (the refiner's input side) at least 16."""
+    if not context >= 1.0:
+        raise ValueError(f"context must be >= 1 (the window holds the box), got {context}.")
+    if not size >= 16:
+        raise ValueError(f"size must be >= 16 pixels, got {size}.")
+    return float(context), int(size)
+
+
 def resized(array: np.ndarray, size: int, nearest: bool = False) -> torch.Tensor:
     """A square (H, W) array as a (1, size, size) float tensor: bilinear with anti-aliasing
     (images) or nearest (masks). Torch's own anti-aliased interpolation, not MONAI's ``Resize``
@@ -109,13 +119,10 @@ class BoxWindowd(Randomizable, MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        if not context >= 1.0:
-            raise ValueError(f"context must be >= 1 (the window holds the box), got {context}.")
-        if not size >= 16:
-            raise ValueError(f"size must be >= 16 pixels, got {size}.")
+        self.context, self.size = checked_window(context, size)
         if not (0.0 <= jitter < 0.5 and 0.0 <= scale_jitter < 1.0):
             raise ValueError(f"jitter must be in [0, 0.5) and scale_jitter in [0, 1), got {jitter} and {scale_jitter}.")
-        self.box_key, self.context, self.size = box_key, float(context), int(size)
+        self.box_key = box_key
         self.jitter, self.scale_jitter = float(jitter), float(scale_jitter)
         if nearest_keys is None:
             nearest_keys = [box_key]
@@ -190,11 +197,8 @@ class BoxRefined(MapTransform):
         from .transforms import ExpectedDiceBox
 
         super().__init__(keys, allow_missing_keys)
-        if not context >= 1.0:
-            raise ValueError(f"context must be >= 1 (the window holds the box), got {context}.")
-        if not size >= 16:
-            raise ValueError(f"size must be >= 16 pixels, got {size}.")
-        self.image_key, self.context, self.size = image_key, float(context), int(size)
+        self.image_key = image_key
+        self.context, self.size = checked_window(context, size)
         self.network = network.eval()
         self.device = next(network.parameters()).device
         load_weights(self.network, Path(checkpoint), self.device)
