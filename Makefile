@@ -51,17 +51,18 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# ruff (lint and format, configured in pyproject.toml); fails on any finding
+# ruff (lint and format) and mypy (types of src/), configured in pyproject.toml; fails on any finding
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The model card's figures from the shipped weights, on the full Kaggle download:
 #   make model-card KAGGLE=<folder with train/ and valid/ COCO splits>
 KAGGLE ?= ../shared/data/brain-tumor-coco
 model-card: setup
 	$(BIN)/tumorseg-convert $(KAGGLE) runs/kaggle-full
-	$(BIN)/python experiments/model_card.py --dataset_dir runs/kaggle-full --tracking_dir $(TRACKING_DIR)
+	$(BIN)/python -m experiments.model_card --dataset_dir runs/kaggle-full --tracking_dir $(TRACKING_DIR)
 
 mlflow-ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(TRACKING_DIR))/mlruns.db --host 127.0.0.1 --port 5000 --workers 1
@@ -72,7 +73,8 @@ clean:
 # MONAI Label cannot share .venv (it pins numpy < 2 and pydicom 2 through its dependencies):
 # its own venv, without deps resolution for monailabel itself, so the CPU torch stays.
 ML_VENV ?= .venv-monailabel
-monailabel-venv: $(ML_VENV)/.installed
+ML_TUMORSEG := $(ML_VENV)/.tumorseg-$(shell $(PYTHON) -c "import hashlib, pathlib; print(hashlib.sha256(b''.join(p.read_bytes() for p in sorted(pathlib.Path('src').rglob('*.py')) + [pathlib.Path('pyproject.toml')])).hexdigest()[:12])")
+monailabel-venv: $(ML_VENV)/.installed $(ML_TUMORSEG)
 $(ML_VENV)/.installed:
 	$(PYTHON) -m venv $(ML_VENV)
 	$(ML_VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
@@ -85,7 +87,15 @@ $(ML_VENV)/.installed:
 	$(ML_VENV)/bin/python -c "import monailabel, monai, torch, yaml, ignite, tqdm, scipy, skimage, fire; print('monailabel', monailabel.__version__, 'torch', torch.__version__)"
 	touch $@
 
-# Export the bundle (configs, weights, docs, scripts/) into the MONAI Label app, then serve it.
+# the bundle's code, tumorseg, as MONAI Label's environment gets it: its wheel built from this
+# repository (no copy of source files), rebuilt whenever the package changes
+$(ML_TUMORSEG): $(ML_VENV)/.installed
+	rm -f $(ML_VENV)/.tumorseg-* && rm -rf build/ml-wheel
+	$(ML_VENV)/bin/pip wheel -q --disable-pip-version-check --no-deps -w build/ml-wheel .
+	$(ML_VENV)/bin/pip install -q --disable-pip-version-check --no-deps --force-reinstall build/ml-wheel/tumorseg-*.whl
+	touch $@
+
+# Export the bundle (configs, weights, docs) into the MONAI Label app, then serve it.
 # A re-export keeps what MONAI Label trained into the export (model/<bundle>/models/monailabel/).
 CHECKPOINT ?= $(BUNDLE)/models/model.pt
 # MONAI Label writes its datastore and labels into this folder (a comment on the line of a

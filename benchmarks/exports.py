@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
-from common import BUNDLE, REPO, Row, first_line, seconds_per_call
+
+from benchmarks.common import BUNDLE, REPO, Row, first_line, seconds_per_call
 
 
 def start_export(command: str, network_file: Path, weights: Path, image_size: int) -> subprocess.Popen:

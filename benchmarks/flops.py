@@ -13,9 +13,10 @@ import copy
 from collections import Counter
 
 import torch
-from common import Row, seconds_per_call
 from torch.utils.flop_counter import FlopCounterMode
-from training import fixed_batch_images_per_s
+
+from benchmarks.common import Row, seconds_per_call
+from benchmarks.training import fixed_batch_images_per_s
 
 
 def counted_flops(fn) -> int:

@@ -3,7 +3,7 @@ volume, with and without flip TTA, the network in eager PyTorch and in ONNX Runt
 on CPU), on this machine's device; and the second stage's cost on the sample's tumour slices
 (the healthy volume has no box to refine).
 
-    python benchmarks/inference.py --checkpoint bundles/brain_tumor_mri_seg/models/model.pt
+    python -m benchmarks.inference --checkpoint bundles/brain_tumor_mri_seg/models/model.pt
 
 Speed, not correctness: the weights only need to match the bundle's network. ``inference_rows``
 (sliding window against a plain forward, and a random volume's latency) is used by run_all.py.
@@ -24,8 +24,7 @@ def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: 
     of the same network on the same image_size square slice; the configured inferer as a whole
     (flip TTA around the window, when inference.yaml enables it); and the latency of a random
     volume through tumorseg-predict's whole path (zoom, inferer, threshold, zoom back)."""
-    from common import Row, seconds_per_call
-
+    from benchmarks.common import Row, seconds_per_call
     from tumorseg.predictor import Predictor
 
     predictor = Predictor.from_bundle(checkpoint=checkpoint, overrides={"image_size": image_size})
@@ -89,8 +88,9 @@ def compute_limit(predictor, volume, matmul_size: int = 2048) -> tuple[int, floa
     large float32 matmul on this device (the best this machine does on dense arithmetic).
     ``predictor`` must run eager PyTorch (the FLOPs are counted on its network).
     Returns (inputs run, GFLOP per input, the limit in seconds, the input size)."""
-    from common import seconds_per_call
     from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.common import seconds_per_call
 
     if predictor.runtime != "torch":
         raise ValueError("compute_limit counts FLOPs on an eager PyTorch predictor")
@@ -131,8 +131,7 @@ def command_seconds(volume_path: Path, tta: bool, out: Path) -> float:
 def main() -> None:
     import tempfile
 
-    from common import seconds_per_call
-
+    from benchmarks.common import seconds_per_call
     from tumorseg.predictor import Predictor
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

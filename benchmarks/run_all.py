@@ -3,7 +3,7 @@ plain loop, and the loader alone), FLOP/s against the machine's ceiling for the 
 convolutions, inference (sliding window against a plain forward, a volume's latency),
 TorchScript and ONNX exports, and tuning rows.
 
-    python benchmarks/run_all.py [--dataset_dir <converted folder>] [--quick]
+    python -m benchmarks.run_all [--dataset_dir <converted folder>] [--quick]
 
 Without --dataset_dir the embedded sample is converted into a temporary folder. --quick shrinks
 everything (64 px, few iterations, a 24-slice volume, no torch.compile) to check that it runs. The device is the
@@ -24,12 +24,13 @@ import traceback
 from pathlib import Path
 
 import torch
-from common import BUNDLE, Row, first_line, markdown_table
-from exports import export_rows
-from flops import flops_rows
-from inference import inference_rows
-from training import autocast_dtype_of, dataset_or_sample, fixed_batch, train_parser, training_rows
-from tuning import tuning_rows
+
+from benchmarks.common import BUNDLE, Row, first_line, markdown_table
+from benchmarks.exports import export_rows
+from benchmarks.flops import flops_rows
+from benchmarks.inference import inference_rows
+from benchmarks.training import autocast_dtype_of, dataset_or_sample, fixed_batch, train_parser, training_rows
+from benchmarks.tuning import tuning_rows
 
 FULL = dict(
     image_size=256,

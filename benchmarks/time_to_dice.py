@@ -1,7 +1,7 @@
 """Time to Dice: train recipes one after the other on this machine, each alone on it, and report
 when each reached validation Dice 0.70 and 0.75, and its Dice through the bundle's ``evaluate``.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/time_to_dice.py --dataset_dir <converted folder> \
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.time_to_dice --dataset_dir <converted folder> \
         --recipes fast_cpu,default --deadline_s 1500 --out runs/time_to_dice [--tracking]
 
 Each recipe trains through ``experiments/recipes.py`` (the bundle's own ``monai.bundle run
@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
 
 TARGETS = (0.70, 0.75)
 
@@ -42,7 +41,7 @@ def first_reaching(epochs: list[dict], target: float) -> dict | None:
 def evaluate(recipe: str, run_dir: Path, dataset_dir: Path, tracking: bool, overrides: dict) -> tuple[float | None, float]:
     """The validation Dice of the run's best weights through evaluate.yaml (its defaults) with the
     recipe's own files and the same ``--set`` overrides as its training, and the seconds it took."""
-    from recipes import BUNDLE, config_files
+    from experiments.recipes import BUNDLE, config_files
 
     cmd = [
         sys.executable, "-m", "monai.bundle", "run",
@@ -90,7 +89,7 @@ def main() -> None:
     )
     rows = []
     for recipe in [r for r in args.recipes.split(",") if r]:
-        cmd = [sys.executable, str(REPO / "experiments" / "recipes.py"), "--dataset_dir", str(args.dataset_dir.resolve()),
+        cmd = [sys.executable, "-m", "experiments.recipes", "--dataset_dir", str(args.dataset_dir.resolve()),
                "--out", str(args.out.resolve()), "--recipes", recipe]  # fmt: skip
         if args.deadline_s is not None:
             cmd += ["--deadline_s", str(args.deadline_s)]

@@ -1,7 +1,7 @@
 """Training throughput: the bundle's SupervisedTrainer (with its handlers) against a plain PyTorch
 loop over the same network, loss, optimiser and data loader, and the loader alone.
 
-    python benchmarks/training.py [--dataset_dir <converted folder>] [--epochs 3]
+    python -m benchmarks.training [--dataset_dir <converted folder>] [--epochs 3]
 
 Without --dataset_dir the embedded sample is converted into a temporary folder. The trainer runs
 with validation off (val_interval beyond the last epoch) so both sides do the same work. Each side
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import BUNDLE, REPO, Row, sync
+
+from benchmarks.common import BUNDLE, REPO, Row, sync
 
 
 def dataset_or_sample(dataset_dir: Path | None, tmp: Path) -> Path:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 
 import torch
-from common import Row, first_line
-from training import fixed_batch_images_per_s
+
+from benchmarks.common import Row, first_line
+from benchmarks.training import fixed_batch_images_per_s
 
 
 def variants(device: torch.device, batch_size: int, compile_skip_reason: str | None) -> list[tuple[str, dict]]:

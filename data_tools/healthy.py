@@ -15,6 +15,16 @@ healthy MRI to be had offline:
 - ``synthetic`` (training): black, constant, gradient and noise images.
 - ``heldout_*`` (checking only, never trained on): nibabel's real T1 volumes (a crop at 2 mm and
   a Talairach-space head at 3 mm); see ``HELDOUT``.
+- ``real_healthy`` (``--real DIR``, any number of times): real tumour-free slices of your own
+  (PNG/JPG), e.g. ``../shared/data/healthy-slices/images``. Each file goes, by a hash of its
+  bytes (so a file keeps its part whatever else is in the folder), to training (``--real-split``
+  shares, default 55 %), to ``healthy_select`` (15 %: where the presence decision is chosen) or
+  to ``healthy_real`` (30 %: held out, reported, never trained or selected on). Training copies
+  are zoomed to the network's square; the two checking lists name the original files, so they
+  are measured as a user's files are. ``--real-repeat`` lists each training copy that many times
+  (the augmentation draws each anew), so a few hundred real negatives are not swamped.
+- ``other_tumours`` (``--other-tumours DIR``, checking only): tumour slices of other collections
+  with slice labels only (no mask): sensitivity where the healthy slices came from.
 - ``mirror_validation`` (checking only): Kaggle ``valid`` slices whose tumour box lies in one
   half of the head, with that half replaced by the mirror image of the other (the axis of
   symmetry is the one of the two image axes about which the slice is most symmetric): scans with
@@ -26,16 +36,19 @@ slices look like the ones the predictor will feed the network.
 
 Output (``OUT``): ``images/<source>/*.png``, ``labels/<source>/*.png`` (8-bit) and
 ``datalist.json`` holding the Kaggle lists of ``--dataset_dir`` (paths rebased) with the
-training negatives appended to ``training``, and two more lists: ``healthy`` (the held-out
-negatives) and ``presence`` (``validation`` plus ``healthy``: tumour and healthy slices for
-sensitivity and specificity).
+training negatives appended to ``training``, and more lists: ``healthy`` (the held-out
+negatives), ``presence`` (``validation`` plus ``healthy``: tumour and healthy slices for
+sensitivity and specificity) and, with ``--real`` and ``--other-tumours``, ``healthy_select``,
+``healthy_real`` and ``other_tumours`` (items ``{"image": ..., "tumour": 0 or 1}``, no label).
 
-    python -m data_tools.healthy runs/kaggle-full runs/kaggle-negatives
+    python -m data_tools.healthy runs/kaggle-full runs/kaggle-negatives \
+        --real ../shared/data/healthy-slices/images --other-tumours ../shared/data/other-tumour-slices/images
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -236,6 +249,25 @@ def mirrored(image_path: Path, label_path: Path, margin: float = 0.02) -> np.nda
     return None
 
 
+def real_part(path: Path, split: tuple[float, float]) -> str:
+    """``training``, ``healthy_select`` or ``healthy_real`` for a real healthy slice, from the MD5 of
+    its bytes (uniform in [0, 1)): a file's part depends on nothing else in its folder."""
+    u = int(hashlib.md5(path.read_bytes()).hexdigest(), 16) / 16**32
+    return "training" if u < split[0] else "healthy_select" if u < split[0] + split[1] else "healthy_real"
+
+
+def slice_files(folder: Path) -> list[Path]:
+    """The PNG/JPG files of a folder, sorted; an unreadable folder is one line and exit 1."""
+    from tumorseg.reading import SLICE_SUFFIXES
+
+    if not folder.is_dir():
+        raise SystemExit(f"error: {folder}: not a folder of PNG/JPG slices")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(SLICE_SUFFIXES))
+    if not files:
+        raise SystemExit(f"error: {folder}: holds no PNG/JPG slices")
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m data_tools.healthy", description=__doc__.splitlines()[0])
     ap.add_argument("dataset_dir", type=Path, help="output folder of tumorseg-convert (datalist.json)")
@@ -243,7 +275,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", type=int, default=2, help="random views per MNI T1 slice (default 2)")
     ap.add_argument("--synthetic", type=int, default=60, help="images without anatomy (default 60)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--real", type=Path, action="append", default=[], metavar="DIR", help="a folder of real tumour-free PNG/JPG slices"
+    )
+    ap.add_argument(
+        "--real-split", default="0.55,0.15", help="shares of --real for training and for selection (the rest is held out)"
+    )
+    ap.add_argument("--real-repeat", type=int, default=3, help="times each real training negative is listed (default 3)")
+    ap.add_argument("--other-tumours", type=Path, action="append", default=[], metavar="DIR", help="tumour slices, no masks")
     args = ap.parse_args(argv)
+    try:
+        split = tuple(float(v) for v in args.real_split.split(","))
+        if len(split) != 2 or min(split) < 0 or sum(split) > 1:
+            raise ValueError
+    except ValueError:
+        print(
+            f"error: --real-split {args.real_split}: want two shares 'training,selection' summing to at most 1", file=sys.stderr
+        )
+        return 1
     datalist_path = args.dataset_dir / "datalist.json"
     try:
         datalist = json.loads(datalist_path.read_text())
@@ -296,6 +345,31 @@ def main(argv: list[str] | None = None) -> int:
         heldout += items
         counts[source] = len(items)
 
+    real = {"training": [], "healthy_select": [], "healthy_real": []}
+    for folder in args.real:
+        from tumorseg.reading import InputError, read_slice
+
+        for path in slice_files(folder):
+            part = real_part(path, split)
+            if part == "training":
+                try:
+                    image = read_slice(path)
+                except InputError as e:
+                    print(f"warning: {e}; left out", file=sys.stderr)
+                    continue
+                lo, hi = float(image.min()), float(image.max())
+                image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+                real["training"] += [write("real_healthy", path.stem, _fit(image), zero)] * args.real_repeat
+            else:
+                real[part].append({"image": os.path.relpath(path.resolve(), out.resolve()), "tumour": 0})
+    negatives += real["training"]
+    counts["real_healthy"] = len(real["training"]) // max(args.real_repeat, 1)
+    counts["healthy_select"], counts["healthy_real"] = len(real["healthy_select"]), len(real["healthy_real"])
+    other = [
+        {"image": os.path.relpath(p.resolve(), out.resolve()), "tumour": 1} for d in args.other_tumours for p in slice_files(d)
+    ]
+    counts["other_tumours"] = len(other)
+
     merged = {k: v for k, v in datalist.items() if not isinstance(v, list) or k in ("labels",)}
     merged["name"] = str(datalist.get("name", "")) + " + healthy negatives (data_tools/healthy.py)"
     merged["negatives"] = counts
@@ -304,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     merged["training"] += negatives
     merged["healthy"] = heldout
     merged["presence"] = merged["validation"] + heldout
+    if args.real:
+        merged["healthy_select"], merged["healthy_real"] = real["healthy_select"], real["healthy_real"]
+    if other:
+        merged["other_tumours"] = other
     write_atomic(out / "datalist.json", (json.dumps(merged, indent=1) + "\n").encode())
     print(f"wrote {out / 'datalist.json'}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0

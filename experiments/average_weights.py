@@ -1,6 +1,6 @@
 """Average the weights of several checkpoints of one run (a few-point stochastic weight average).
 
-    python experiments/average_weights.py BEST.pt LAST.pt [...] -o model.pt
+    python -m experiments.average_weights BEST.pt LAST.pt [...] -o model.pt
 
 Each input is a state dict or a training checkpoint ``{"model": state, ...}`` (as in
 ``models/last``), loaded with ``weights_only=True``. Floating-point tensors are averaged, others
@@ -12,12 +12,9 @@ over the best alone, the same healthy-scan figures (docs/README.md).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "brain_tumor_mri_seg" / "scripts"))
 
 
 def load_states(paths: list[Path]) -> list[dict]:

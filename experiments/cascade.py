@@ -1,7 +1,7 @@
 """Crop-and-refine cascade: train the bundle's second stage and measure it on `valid`.
 
-    python experiments/cascade.py --dataset_dir runs/kaggle-full --out runs/refiner [--epochs 40]
-    python experiments/cascade.py --dataset_dir runs/kaggle-full --out runs/screen --refiner <weights>
+    python -m experiments.cascade --dataset_dir runs/kaggle-full --out runs/refiner [--epochs 40]
+    python -m experiments.cascade --dataset_dir runs/kaggle-full --out runs/screen --refiner <weights>
 
 Issue "Model quality II"; nnU-Net's cascade idea. Stage 1 is the bundle's model as shipped
 (``tumorseg.predictor.Predictor``: flip TTA, box fit, presence gate, the refinement off): it says
@@ -36,7 +36,6 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
-sys.path.insert(0, str(BUNDLE / "scripts"))
 
 from tumorseg.files import write_atomic  # noqa: E402
 from tumorseg.refine import BoxRefined, bbox, resized  # noqa: E402  (the bundle's code, one definition)

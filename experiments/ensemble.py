@@ -1,6 +1,6 @@
 """Pack independently trained weights into the one state dict of a mean ensemble.
 
-    python experiments/ensemble.py A.pt B.pt C.pt -o ensemble.pt
+    python -m experiments.ensemble A.pt B.pt C.pt -o ensemble.pt
 
 Each input is a state dict of the bundle's network or a training checkpoint ``{"model": state}``
 (loaded with ``weights_only=True``). The output holds member ``m``'s parameters as
@@ -11,14 +11,11 @@ Each input is a state dict of the bundle's network or a training checkpoint ``{"
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "brain_tumor_mri_seg" / "scripts"))
 
 
 def pack(paths: list[Path]) -> dict:
-    from average_weights import load_states  # beside this script: one reader, one same-network check
+    from experiments.average_weights import load_states  # beside this script: one reader, one same-network check
 
     return {f"members.{m}.{k}": v for m, state in enumerate(load_states(paths)) for k, v in state.items()}
 

@@ -2,7 +2,7 @@
 val Dice / IoU / train loss / lr per epoch (step = epoch, timestamps from the run's clock),
 and tags saying where and at which commit the run trained.
 
-    python experiments/import_runs.py experiments/results/h100-2026-11-26 \
+    python -m experiments.import_runs experiments/results/h100-2026-11-26 \
         [--tracking_dir mlflow] [--checkpoint default=bundles/brain_tumor_mri_seg/models/model.pt]
 
 Used for runs made on machines without MLflow (the recipe runs on the device GPU). A run whose
@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
 
 
 def hyper_parameters(recipe: str, overrides: dict) -> dict:
     """The recipe's run parameters that need no data: ``model_config`` and ``training_params`` of
     its configs (the bundle's own lists of what defines a run)."""
     from monai.bundle import ConfigParser
-    from recipes import config_files
+
+    from experiments.recipes import config_files
 
     parser = ConfigParser()
     parser.read_config([str(REPO / f) for f in config_files(recipe)])
@@ -103,12 +102,10 @@ def main() -> None:
             client.log_artifact(run.info.run_id, str(run_dir / f), "record")
         if record["recipe"] in checkpoints:  # the shipped weights: an MLflow model, registered like a tracked run's
             from monai.bundle import ConfigParser
-            from recipes import config_files
 
-            from tumorseg.bundle import use_bundle_code
+            from experiments.recipes import config_files
             from tumorseg.tracking import log_bundle_model
 
-            use_bundle_code(REPO / "bundles" / "brain_tumor_mri_seg")  # its configs' scripts.tumorseg.*
             parser = ConfigParser()
             parser.read_config([str(REPO / f) for f in config_files(record["recipe"])])
             parser.update({"bundle_root": str(REPO / "bundles" / "brain_tumor_mri_seg")})

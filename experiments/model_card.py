@@ -1,6 +1,6 @@
 """Regenerate the model card's figures from the shipped weights and the recorded recipe runs.
 
-    python experiments/model_card.py --dataset_dir <converted Kaggle download> [--tracking_dir mlflow]
+    python -m experiments.model_card --dataset_dir <converted Kaggle download> [--tracking_dir mlflow]
     (make model-card DATA=<converted folder>)
 
 1. imports the recipe runs of experiments/results/ into MLflow (once);

@@ -1,6 +1,6 @@
 """Measure the post-processing choices on one split with the shipped weights: one MLflow run.
 
-    python experiments/postprocessing.py --dataset_dir <converted Kaggle download> \
+    python -m experiments.postprocessing --dataset_dir <converted Kaggle download> \
         [--split validation] [--tracking_dir mlflow] [--checkpoint <model.pt>] [--output table.md]
 
 The network runs once per slice, with and without flip TTA (the bundle's preprocessing,

@@ -1,7 +1,7 @@
 """Presence check of one set of weights: tumour found where there is one, nothing where there is
 none. One MLflow run (``presence_<name>``), nested under the training run of the weights.
 
-    python experiments/presence.py --dataset_dir runs/kaggle-negatives [--checkpoint <model.pt>] \
+    python -m experiments.presence --dataset_dir runs/kaggle-negatives [--checkpoint <model.pt>] \
         [--tracking_dir mlflow] [--name shipped] [--output table.md]
 
 ``--dataset_dir`` is the output of ``python -m data_tools.healthy`` (its ``validation`` list:
@@ -76,19 +76,16 @@ def slice_records(predictor, items: list[dict], quarter_turns: int = 0) -> list[
     rows = []
     for item in items:
         image = np.ascontiguousarray(np.rot90(read_slice(Path(item["image"])), quarter_turns))
-        label = np.rot90(read_slice(Path(item["label"])) > 0, quarter_turns)
         mask, peaks = predictor.predict_volume(image)
-        inter, total = float((mask & label).sum()), float(mask.sum() + label.sum())
-        rows.append(
-            {
-                "image": item["image"],
-                "peak": peaks[0],
-                "found": bool(mask.any()),
-                "tumour": bool(label.any()),
-                "dice_if_kept": 1.0 if total == 0 else 2 * inter / total,
-                "dice_if_cleared": 1.0 if not label.any() else 0.0,
-            }
-        )
+        row = {"image": item["image"], "peak": peaks[0], "found": bool(mask.any())}
+        if "label" in item:
+            label = np.rot90(read_slice(Path(item["label"])) > 0, quarter_turns)
+            inter, total = float((mask & label).sum()), float(mask.sum() + label.sum())
+            row.update(tumour=bool(label.any()), dice_if_kept=1.0 if total == 0 else 2 * inter / total)
+            row["dice_if_cleared"] = 1.0 if not label.any() else 0.0
+        else:  # a slice label only (data_tools.healthy's real lists): presence, no Dice
+            row["tumour"] = bool(item["tumour"])
+        rows.append(row)
         print(f"\r{len(rows)}/{len(items)} slices", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return rows
@@ -109,7 +106,15 @@ def volume_records(predictor, volumes: dict[str, Path]) -> dict[str, dict]:
     return out
 
 
-def table(slices_valid, slices_healthy, volumes) -> list[dict]:
+REAL_LISTS = {  # data_tools.healthy --real/--other-tumours: list -> the figure it gives
+    "healthy_select": "select_specificity",
+    "healthy_real": "real_specificity",
+    "other_tumours": "other_sensitivity",
+}
+
+
+def table(slices_valid, slices_healthy, volumes, real: dict | None = None) -> list[dict]:
+    """One row per (min_peak, min_run); ``real``: records of the REAL_LISTS present."""
     from tumorseg.predictor import drop_short_tumours
 
     rows = []
@@ -118,6 +123,10 @@ def table(slices_valid, slices_healthy, volumes) -> list[dict]:
         dice = np.mean([r["dice_if_kept"] if k else r["dice_if_cleared"] for r, k in zip(slices_valid, kept)])
         sensitivity = np.mean([k for r, k in zip(slices_valid, kept) if r["tumour"]])
         specificity = np.mean([not (r["found"] and r["peak"] >= min_peak) for r in slices_healthy])
+        extra = {}
+        for key, records in (real or {}).items():
+            found = [r["found"] and r["peak"] >= min_peak for r in records]
+            extra[REAL_LISTS[key]] = float(np.mean(found) if key == "other_tumours" else 1 - np.mean(found))
         for min_run in MIN_RUNS:
             row = {
                 "min_peak": min_peak,
@@ -125,6 +134,7 @@ def table(slices_valid, slices_healthy, volumes) -> list[dict]:
                 "valid_dice": float(dice),
                 "valid_sensitivity": float(sensitivity),
                 "healthy_specificity": float(specificity),
+                **extra,
             }
             for name, v in volumes.items():
                 kept = v["mask"] & (np.array(v["peaks"]) >= min_peak)  # slices below min_peak cleared
@@ -150,6 +160,7 @@ def main() -> None:
     ap.add_argument("--name", default="shipped", help="run name suffix (presence_<name>)")
     ap.add_argument("--tracking_dir", type=Path, default=REPO / "mlflow")
     ap.add_argument("--experiment", default="brain_tumor_mri_seg")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a bundle setting, e.g. image_size=224")
     ap.add_argument("--limit", type=int, default=0, help="only the first N slices of each list (a quick look)")
     ap.add_argument("--output", type=Path, help="also write the table to this Markdown file (and its rows beside, .json)")
     args = ap.parse_args()
@@ -159,21 +170,21 @@ def main() -> None:
     from tumorseg.predictor import Predictor
 
     start = time.time()
-    defaults = Predictor.from_bundle(BUNDLE, args.checkpoint)  # the shipped settings: which row is the default
+    settings = dict(s.split("=", 1) for s in args.set)
+    defaults = Predictor.from_bundle(BUNDLE, args.checkpoint, settings)  # the shipped settings: which row is the default
     default = {"min_peak": defaults.gate.min_peak, "min_run": defaults.min_run}
-    predictor = Predictor.from_bundle(BUNDLE, args.checkpoint, {"min_peak": min(MIN_PEAKS), "min_run": 1})
+    predictor = Predictor.from_bundle(BUNDLE, args.checkpoint, {**settings, "min_peak": min(MIN_PEAKS), "min_run": 1})
     datalist = str(args.dataset_dir / "datalist.json")
-    lists = {
-        key: load_decathlon_datalist(datalist, data_list_key=key, base_dir=str(args.dataset_dir))
-        for key in ("validation", "healthy")
-    }
+    keys = ("validation", "healthy") + tuple(k for k in REAL_LISTS if k in json.loads(Path(datalist).read_text()))
+    lists = {key: load_decathlon_datalist(datalist, data_list_key=key, base_dir=str(args.dataset_dir)) for key in keys}
     if args.limit:
         lists = {k: v[: args.limit] for k, v in lists.items()}
     valid = slice_records(predictor, lists["validation"])
     healthy = slice_records(predictor, lists["healthy"])
     with tempfile.TemporaryDirectory() as tmp:
         volumes = volume_records(predictor, healthy_volumes(Path(tmp)))
-    rows = table(valid, healthy, volumes)
+    real = {key: slice_records(predictor, lists[key]) for key in REAL_LISTS if key in lists}
+    rows = table(valid, healthy, volumes, real)
     weights = args.checkpoint.resolve()
     shown = weights.relative_to(REPO) if weights.is_relative_to(REPO) else weights
     text = markdown(
@@ -204,6 +215,7 @@ def main() -> None:
         "checkpoint": str(args.checkpoint),
         "valid_slices": len(valid),
         "healthy_slices": len(healthy),
+        **{f"{key}_slices": len(records) for key, records in real.items()},
         "healthy_volumes": ",".join(volumes),
         "min_peaks": str(MIN_PEAKS),
         "min_runs": str(MIN_RUNS),

@@ -1,6 +1,6 @@
 """Per-image tumour Dice of weights on `valid` as stored and turned a quarter (image and box alike).
 
-    python experiments/quarter_turns.py --dataset_dir runs/kaggle-full [--checkpoint a.pt b.pt] [--output rows.jsonl]
+    python -m experiments.quarter_turns --dataset_dir runs/kaggle-full [--checkpoint a.pt b.pt] [--output rows.jsonl]
 
 The Kaggle slices come in every quarter turn, and PNG/JPG slices are predicted as they come, so a
 model should not depend on how a slice is turned. Each slice of the ``validation`` list is
@@ -23,8 +23,8 @@ BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
 
 def measure(dataset_dir: Path, checkpoint: Path, limit: int | None = None) -> list[dict]:
     from monai.data import load_decathlon_datalist
-    from presence import slice_records  # experiments/presence.py: the same per-slice Dice
 
+    from experiments.presence import slice_records  # experiments/presence.py: the same per-slice Dice
     from tumorseg.predictor import Predictor
 
     items = load_decathlon_datalist(dataset_dir / "datalist.json", data_list_key="validation", base_dir=dataset_dir)[:limit]

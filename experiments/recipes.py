@@ -1,6 +1,6 @@
 """Train several recipes side by side with the bundle's own CLI, each in its own process.
 
-    python experiments/recipes.py --dataset_dir <converted folder> --out runs/recipes \
+    python -m experiments.recipes --dataset_dir <converted folder> --out runs/recipes \
         --recipes default,rotate_aug --max_epochs 50 [--deadline_s 3600] [--set num_workers=2]
 
 A recipe is train.yaml plus the override files of configs/experiments/ it names (see RECIPES).

@@ -4,9 +4,9 @@
     TUMORSEG_CORS_ORIGINS=http://127.0.0.1:8000 .venv-monailabel/bin/monailabel start_server \
         --app monailabel_app --studies STUDIES --host 127.0.0.1 --port 8000 --conf models brain_tumor_mri_seg
 
-The export is a copy of the bundle: its configs reach the bundle's own code as
-``scripts.tumorseg.*`` (MONAI Label puts the bundle on ``sys.path``), and each workflow is layered
-on ``configs/common.yaml``, the bundle's shared definitions, which this app reads first.
+The export is a copy of the bundle: its configs name their components ``tumorseg.*``, the package
+installed into MONAI Label's environment from its wheel (``make monailabel-venv``), and each
+workflow is layered on ``configs/common.yaml``, the bundle's shared definitions, which this app reads first.
 
 Per bundle: an infer task, a train task (the bundle's ``run`` id on the labels saved in the
 datastore) and, for the first bundle, MC-dropout epistemic scoring; strategies ``random``,
@@ -210,7 +210,7 @@ class Bundle2DTrainTask(BundleTrainTask):
 
 class SerialEpistemicScoring(EpistemicScoring):
     """MONAI Label's MC-dropout scoring, one image at a time: its default two threads race in the
-    bundle task, which unloads and re-imports the bundle's ``scripts`` modules on every call."""
+    bundle task, which re-reads the bundle's configs on every call."""
 
     def __call__(self, request, datastore):
         return super().__call__({**request, "max_workers": 1}, datastore)

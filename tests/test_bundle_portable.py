@@ -15,9 +15,10 @@ import pytest
 from conftest import BUNDLE, CONFIGS, INFERENCE, QUICK, REPO, SAMPLE, check, run_cli
 from PIL import Image
 
+import tumorseg
 from data_tools.nifti_to_dicom import write_series
 
-SCHEMA = REPO / "tests" / "data" / "bundle_metadata_schema.json"
+SCHEMA = REPO / "tests" / "data" / "meta_schema_20240725.json"  # the official schema (SOURCE.md beside it)
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # voxel (x, y, z) -> RAS of an LPS-stored volume, 1 mm
 NETWORK = QUICK[:8]  # the small network's settings (image_size, channels, strides, res units)
 
@@ -36,7 +37,7 @@ def test_metadata_passes_verify_metadata(tmp_path):
     metadata = json.loads(meta.read_text())
     pred = metadata["network_data_format"]["outputs"]["pred"]
     assert pred["num_channels"] == len(pred["channel_def"]) == 1  # one tumour logit
-    assert "tumorseg" not in metadata["required_packages_version"]  # the bundle's code is in scripts/
+    assert metadata["required_packages_version"]["tumorseg"] == tumorseg.__version__ == metadata["version"]
 
 
 def test_network_passes_verify_net_in_out(tmp_path):

@@ -15,7 +15,7 @@ def test_recipe_runs_import_into_mlflow_with_params_curves_and_the_shipped_check
     import mlflow
 
     weights = BUNDLE / "models" / "model.pt"
-    args = ["experiments/import_runs.py", str(RESULTS), "--tracking_dir", str(tmp_path), "--checkpoint", f"default={weights}"]
+    args = ["-m", "experiments.import_runs", str(RESULTS), "--tracking_dir", str(tmp_path), "--checkpoint", f"default={weights}"]
     first = check(run_cli(*args))
     assert first.stdout.count("best val Dice") == 5
     assert check(run_cli(*args)).stdout.count("already imported") == 5  # idempotent
@@ -59,11 +59,14 @@ def test_postprocessing_table_is_one_mlflow_run_nested_under_the_weights_trainin
 
     weights = BUNDLE / "models" / "model.pt"
     check(
-        run_cli("experiments/import_runs.py", str(RESULTS), "--tracking_dir", str(tmp_path), "--checkpoint", f"default={weights}")
+        run_cli(
+            "-m", "experiments.import_runs", str(RESULTS), "--tracking_dir", str(tmp_path), "--checkpoint", f"default={weights}"
+        )
     )
     result = check(
         run_cli(
-            "experiments/postprocessing.py",
+            "-m",
+            "experiments.postprocessing",
             "--dataset_dir",
             str(converted_sample),
             "--split",
@@ -91,11 +94,7 @@ def test_every_recipe_builds_its_trainer_and_run_parameters(converted_sample):
     """Each recipe of experiments/recipes.py, as its configs layer on train.yaml: the trainer and
     every run parameter MLflow logs resolve (a typo in an override file fails here, not after
     the start of a long run)."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "experiments"))
-    from recipes import RECIPES, config_files
-
+    from experiments.recipes import RECIPES, config_files
     from tumorseg.bundle import parser as bundle_parser
 
     for recipe in RECIPES:
@@ -133,11 +132,7 @@ def test_training_runs_at_train_size_and_validation_at_image_size(converted_samp
     """Train small, run larger: ``train_size`` resizes only the training slices (before the
     augmentation, so the cached step does it once); validation keeps ``image_size``, the size the
     weights are run at. By default both are the same."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "experiments"))
-    from recipes import config_files
-
+    from experiments.recipes import config_files
     from tumorseg.bundle import parser as bundle_parser
 
     def sizes(recipe: str, **overrides) -> tuple:
@@ -157,12 +152,9 @@ def test_a_run_stopped_at_the_deadline_ends_killed_in_mlflow(tmp_path, monkeypat
     """experiments/recipes.py stops a run still going at --deadline_s with SIGKILL, so the run never
     ends its own MLflow run: the launcher ends it as KILLED (not left RUNNING), found through the
     tracker's run record, and leaves runs of other names alone."""
-    import sys
-
     import mlflow
 
-    sys.path.insert(0, str(REPO / "experiments"))
-    from recipes import mark_killed
+    from experiments.recipes import mark_killed
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
@@ -219,8 +211,8 @@ def test_quarter_turn_measure_scores_upright_and_turned_slices_against_their_own
     """experiments/quarter_turns.py: one row per turn, each slice scored against its box turned
     with it (the shipped weights find the tumours of the sample's valid slices both ways)."""
     out = tmp_path / "rows.jsonl"
-    script = str(REPO / "experiments" / "quarter_turns.py")
-    check(run_cli(script, "--dataset_dir", str(converted_sample), "--limit", "3", "--output", str(out)))
+    script = ("-m", "experiments.quarter_turns")
+    check(run_cli(*script, "--dataset_dir", str(converted_sample), "--limit", "3", "--output", str(out)))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["quarter_turns"] for r in rows] == [0, 1] and all(r["slices"] == 3 for r in rows)
     assert all(r["dice"] > 0.5 and r["slice_sensitivity"] == 1.0 for r in rows), rows
@@ -242,7 +234,7 @@ def test_mean_ensemble_of_packed_weights_runs_through_evaluate(converted_sample,
 
     packed = tmp_path / "ensemble.pt"
     shipped = BUNDLE / "models" / "model.pt"
-    check(run_cli(str(REPO / "experiments" / "ensemble.py"), str(shipped), str(shipped), "-o", str(packed)))
+    check(run_cli("-m", "experiments.ensemble", str(shipped), str(shipped), "-o", str(packed)))
     files = [str(BUNDLE / "configs" / f) for f in ("common.yaml", "train.yaml")]
     files += [str(REPO / "configs" / "experiments" / "ensemble.yaml"), str(BUNDLE / "configs" / "evaluate.yaml")]
     parser = bundle_parser("evaluate", BUNDLE)
@@ -275,8 +267,8 @@ def test_cascade_screen_refines_stage_one_boxes_and_logs_an_mlflow_run(converted
     from tumorseg.tracking import open_store
 
     out, store = tmp_path / "cascade", tmp_path / "mlflow"
-    script = str(REPO / "experiments" / "cascade.py")
-    check(run_cli(script, "--dataset_dir", str(converted_sample), "--out", str(out), "--epochs", "1", "--limit", "4",
+    script = ("-m", "experiments.cascade")
+    check(run_cli(*script, "--dataset_dir", str(converted_sample), "--out", str(out), "--epochs", "1", "--limit", "4",
                   "--crop_size", "64", "--tracking_dir", str(store), "--name", "cascade_test"))  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["slices"] == len(summary["rows"]) > 0
@@ -297,7 +289,7 @@ def test_cascade_screen_refines_stage_one_boxes_and_logs_an_mlflow_run(converted
     assert summary["cascade_under_0.5"] == pytest.approx(sum(under) / len(under))
 
     # the same weights measured on the training slices (no second training), beside the first run's files
-    check(run_cli(script, "--dataset_dir", str(converted_sample), "--out", str(out), "--split", "training", "--limit", "3",
+    check(run_cli(*script, "--dataset_dir", str(converted_sample), "--out", str(out), "--split", "training", "--limit", "3",
                   "--crop_size", "64", "--tracking_dir", str(store), "--name", "cascade_test_training"))  # fmt: skip
     fit = json.loads((out / "summary_training.json").read_text())
     assert fit["slices"] == 3 and (out / "stage1_training.json").is_file()

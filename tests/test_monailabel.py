@@ -114,15 +114,17 @@ def test_monai_label_infer_equals_the_bundle_inference(tmp_path):
     studies.mkdir()
     shutil.copy(image, studies / image.name)
     # the bundle's own inference, run from the export, outside the repository, in MONAI Label's
-    # environment, which has no tumorseg installed: the bundle carries its code
+    # environment, which has tumorseg installed from its wheel (no copy of source files)
     configs = str([str(bundle / "configs" / "common.yaml"), str(bundle / "configs" / "inference.yaml")])
     command = [str(ML_VENV / "bin" / "python"), "-m", "monai.bundle", "run", "inference", "--config_file", configs,
                "--bundle_root", str(bundle), "--input_dir", str(studies), "--output_dir", str(tmp_path / "out")]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    missing = subprocess.run([str(ML_VENV / "bin" / "python"), "-c", "import tumorseg"], cwd=tmp_path, env=env)
-    assert missing.returncode != 0  # the MONAI Label venv really lacks the package
+    where = subprocess.run([str(ML_VENV / "bin" / "python"), "-c", "import tumorseg; print(tumorseg.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+    assert "site-packages" in where.stdout and str(REPO / "src") not in where.stdout  # installed, not the source
+    assert not list(bundle.rglob("*.py"))  # and the export carries no code
     expected = np.asarray(Image.open(tmp_path / "out" / f"{image.stem}_seg.png")) > 0
     assert expected.any()  # a tumour slice: the comparison below means something
 

@@ -18,7 +18,9 @@ def test_run_parameters_are_readable_hyper_parameters_code_and_machine(trained):
     assert params["channels"] == "[8, 16, 32]" and params["loss_w_dice"] == "1.0"
     import monai
 
-    assert params["code.monai_version"] == monai.__version__ and params["code.tumorseg_version"] == "0.1.0"
+    import tumorseg
+
+    assert params["code.monai_version"] == monai.__version__ and params["code.tumorseg_version"] == tumorseg.__version__
     assert params["machine.device"] == "cpu" and params["machine.world_size"] == "1"
     assert tags["bundle"] == "brain_tumor_mri_seg" and tags["workflow"] == "train"
     assert any(a.path.startswith("config_") and a.path.endswith(".json") for a in client.list_artifacts(run.info.run_id))

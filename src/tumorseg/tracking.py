@@ -214,7 +214,8 @@ class MLflowTracker(MLFlowHandler):
         self.checkpoint = checkpoint
         self.registered_model_name = registered_model_name
         self.model_config = dict(model_config or {})
-        self.epoch_loss, self._losses = epoch_loss, []
+        self.epoch_loss = epoch_loss
+        self._losses: list = []  # tensors (kept on the device) or floats
         self.metric_prefixes = dict(metric_prefixes or {})
         if not engine_params:
             self.default_tracking_params = []
@@ -227,6 +228,7 @@ class MLflowTracker(MLFlowHandler):
             super().start(engine)
         if not new_run:
             return
+        assert self.cur_run is not None  # MONAI's start made it
         run_id = self.cur_run.info.run_id
         if self.run_record:
             from .files import write_atomic
@@ -239,6 +241,7 @@ class MLflowTracker(MLFlowHandler):
             self._link_to_training_run(run_id, file_digest(self.source_checkpoint, None))
 
     def _log_params_batched(self, params: dict) -> None:
+        assert self.cur_run is not None
         logged = self.client.get_run(self.cur_run.info.run_id).data.params
         todo = {k: v for k, v in params.items() if k not in logged}
         items = list(todo.items())
@@ -247,6 +250,7 @@ class MLflowTracker(MLFlowHandler):
 
     def _link_to_training_run(self, run_id: str, digest: str) -> None:
         self.client.set_tag(run_id, "checkpoint_sha256", digest)
+        assert self.experiment is not None
         parent = training_run_id(self.client, self.experiment.experiment_id, digest)
         if parent:
             self.client.set_tag(run_id, "mlflow.parentRunId", parent)
@@ -325,7 +329,7 @@ def log_bundle_model(
     from mlflow.types import Schema, TensorSpec
 
     from .bundle import BUNDLE
-    from .export import write_bundle
+    from .export import build_wheel, write_bundle
 
     bundle = Path(bundle or BUNDLE)
     digest = file_digest(checkpoint, None)
@@ -342,18 +346,22 @@ def log_bundle_model(
         with tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / bundle.name
             write_bundle(copy, bundle, Path(checkpoint))
+            wheel = build_wheel(Path(tmp) / "wheel")
+            # the model's code is this package, as a wheel among its artifacts: MLflow installs the
+            # requirements from the model folder, where the artifact lies at artifacts/<name>
+            pins.append(f"artifacts/{wheel.name}")
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=str(Path(__file__).with_name("pyfunc.py")),
-                    artifacts={"bundle": str(copy)},
+                    artifacts={"bundle": str(copy), wheel.name: str(wheel)},
                     model_config=dict(model_config or {}),
                     signature=ModelSignature(inputs=Schema([slices]), outputs=Schema([masks])),
                     registered_model_name=registered_model_name,
                     pip_requirements=pins,  # stated, not inferred: inferring imports the model and takes long
                 )
     finally:
-        mlflow.set_tracking_uri(previous_uri)
+        mlflow.set_tracking_uri(previous_uri)  # type: ignore[arg-type]  # None: unset again, as it was
     version = getattr(info, "registered_model_version", None)
     if not registered_model_name or version is None:
         return None

@@ -1,8 +1,9 @@
-"""Brain tumour segmentation on 2D MRI slices with MONAI: the bundle's own code.
+"""Brain tumour segmentation on 2D MRI slices with MONAI: the code of the bundle
+``bundles/brain_tumor_mri_seg``.
 
-This package lives inside the bundle (``<bundle>/scripts/tumorseg``): the bundle's configs reach
-it as ``scripts.tumorseg.*``, and ``pip install -e .`` installs it as ``tumorseg`` for the
-commands. Modules (imported on demand, so ``import tumorseg`` stays light):
+An installed package (``pip install -e .`` in this repository, or its wheel elsewhere): the
+bundle's configs name its components ``tumorseg.*``, as the model-zoo detection bundles name
+``monai.apps.detection``. Modules (imported on demand, so ``import tumorseg`` stays light):
 
 - ``tumorseg.bundle``: where the bundle is, its workflows' config files, a parser of them.
 - ``tumorseg.losses``: the poster's combined Dice + focal loss.
@@ -16,7 +17,7 @@ commands. Modules (imported on demand, so ``import tumorseg`` stays light):
 - ``tumorseg.export``: a copy of the bundle, for MONAI Label (``tumorseg-export``).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.8.0"  # the bundle's version (configs/metadata.json): one release of both
 
 _SUBMODULES = (
     "bundle", "export", "files", "handlers", "inferers", "losses", "metrics", "predict", "predictor", "reading", "report",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Set
 from pathlib import Path
 
 from .bundle import BUNDLE
@@ -49,7 +50,7 @@ def find_cases(inputs: list[Path]) -> tuple[list[Path], list[str]]:
             cases.extend(found)
         else:
             cases.append(path)
-    unique = {}
+    unique: dict[Path, Path] = {}
     for case in cases:
         unique.setdefault(case.resolve(), case)
     return list(unique.values()), errors
@@ -66,7 +67,7 @@ def _stem(path: Path) -> str:
 OUTPUT_SUFFIXES = ("_seg.png", "_seg.nii.gz", "_seg.dcm", "_overlay.png", ".json")
 
 
-def output_stems(cases: list[Path], taken: set[str] = frozenset()) -> list[str]:
+def output_stems(cases: list[Path], taken: Set[str] = frozenset()) -> list[str]:
     """One output stem (a relative path without suffix) per case, unique (also ignoring case, for
     case-insensitive file systems) and predictable: the file's stem (``scan`` for ``scan.nii.gz``);
     where stems clash, the suffix is kept (``scan.png`` -> ``scan_png``); where that still clashes
@@ -135,7 +136,10 @@ def predict_case(
         if case.kind == "slice" or axis is not None:
             view = stored
             mask, peaks = predictor.predict_volume(view, axis=-1 if axis is None else axis, reference=reference)
-            shown, shown_mask = (view, mask) if view.ndim == 2 else (np.moveaxis(view, axis, -1), np.moveaxis(mask, axis, -1))
+            stored_axis = -1 if axis is None else axis
+            shown, shown_mask = (
+                (view, mask) if view.ndim == 2 else (np.moveaxis(view, stored_axis, -1), np.moveaxis(mask, stored_axis, -1))
+            )
             orientation = "as displayed" if case.kind == "slice" else f"voxel axis {axis} as stored"
         else:
             canonical = case.canonical()

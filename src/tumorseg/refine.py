@@ -126,8 +126,9 @@ class BoxWindowd(Randomizable, MapTransform):
         self.jitter, self.scale_jitter = float(jitter), float(scale_jitter)
         if nearest_keys is None:
             nearest_keys = [box_key]
-        self.nearest = {nearest_keys} if isinstance(nearest_keys, str) else set(nearest_keys)
-        self._shift, self._scale = (0.0, 0.0), 1.0
+        self.nearest = {nearest_keys} if isinstance(nearest_keys, str) else set(nearest_keys)  # type: ignore[arg-type]
+        self._shift: tuple[float, ...] = (0.0, 0.0)
+        self._scale = 1.0
 
     def randomize(self, data=None) -> None:
         self._scale = float(np.exp(self.R.uniform(-self.scale_jitter, self.scale_jitter)))
@@ -143,7 +144,7 @@ class BoxWindowd(Randomizable, MapTransform):
         if box is None:  # no tumour: the whole slice
             box, context, shift = (0, 0, *label.shape[1:]), 1.0, (0.0, 0.0)
         else:
-            context, shift = self.context * self._scale, self._shift
+            context, shift = self.context * self._scale, self._shift  # type: ignore[assignment]
         win = window(box, context, shift)
         for key in self.key_iterator(d):
             array = np.asarray(torch.as_tensor(d[key]).detach().cpu().float())

@@ -105,7 +105,9 @@ class PresenceGate(Transform):
       ``foreground_level`` of the image's maximum (a black, constant or nearly empty slice: no
       head, nothing to segment); or
     - its peak tumour probability is below ``min_peak`` (the network's own presence decision,
-      calibrated on healthy and tumour slices: ``docs/README.md``).
+      calibrated on healthy and tumour slices: ``docs/README.md``); or
+    - ``classifier`` is given and says no: the learned decision of
+      :class:`tumorseg.presence.PresenceClassifier` (a JSON file), on the map's shape.
 
     Otherwise the probability map passes unchanged, so the box fit or the threshold that follows
     works as before on tumour slices.
@@ -114,12 +116,15 @@ class PresenceGate(Transform):
         min_peak: peak probability a slice needs to hold tumour, in (0, 1].
         min_foreground: fraction of the slice that must be foreground, in [0, 1).
         foreground_level: intensity, relative to the image's maximum, counted as foreground.
+        classifier: path of a presence classifier's JSON, or None for the peak rule alone.
 
     Input: probability map (C, H, W) and the image (C', H', W'), numpy or torch; the image may
     have another size (only its foreground fraction is used). Output: the map, same type.
     """
 
-    def __init__(self, min_peak: float = 0.5, min_foreground: float = 0.02, foreground_level: float = 0.1) -> None:
+    def __init__(
+        self, min_peak: float = 0.5, min_foreground: float = 0.02, foreground_level: float = 0.1, classifier: str | None = None
+    ) -> None:
         if not 0.0 < min_peak <= 1.0:
             raise ValueError(f"min_peak must be in (0, 1], got {min_peak}.")
         if not 0.0 <= min_foreground < 1.0:
@@ -131,6 +136,11 @@ class PresenceGate(Transform):
             float(min_foreground),
             float(foreground_level),
         )
+        self.classifier = None
+        if classifier:
+            from .presence import PresenceClassifier
+
+            self.classifier = PresenceClassifier.load(classifier)
 
     def foreground_fraction(self, image) -> float:
         arr = convert_data_type(image, np.ndarray)[0].astype(np.float32)
@@ -142,7 +152,10 @@ class PresenceGate(Transform):
     def present(self, prob, image=None) -> bool:
         if image is not None and self.foreground_fraction(image) < self.min_foreground:
             return False
-        return float(convert_data_type(prob, np.ndarray)[0].max()) >= self.min_peak
+        arr = convert_data_type(prob, np.ndarray)[0]
+        if float(arr.max()) < self.min_peak:
+            return False
+        return self.classifier is None or self.classifier.present(arr)
 
     def __call__(self, prob, image=None):
         return prob if self.present(prob, image) else prob * 0
@@ -159,11 +172,12 @@ class PresenceGated(MapTransform):
         min_peak: float = 0.5,
         min_foreground: float = 0.02,
         foreground_level: float = 0.1,
+        classifier: str | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
-        self.gate = PresenceGate(min_peak, min_foreground, foreground_level)
+        self.gate = PresenceGate(min_peak, min_foreground, foreground_level, classifier)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)

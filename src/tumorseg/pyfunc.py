@@ -1,8 +1,9 @@
 """The bundle as an MLflow pyfunc model: grey slices in, tumour masks out.
 
 Logged from code (MLflow's "models from code", :func:`tumorseg.tracking.log_bundle_model`): MLflow
-keeps this file with the model, whose artifact ``bundle`` is a copy of the bundle (configs, its
-code under ``scripts/``, the run's weights as ``models/model.pt``) and whose ``model_config``
+keeps this file with the model, whose artifact ``bundle`` is a copy of the bundle (configs, docs,
+the run's weights as ``models/model.pt``; the code is the ``tumorseg`` package, a wheel among the
+model's pip requirements) and whose ``model_config``
 holds the run's network and post-processing settings (config overrides).
 
 ``predict`` takes a float array ``(N, 1, H, W)``: N grey slices as images are read (rows,
@@ -14,20 +15,18 @@ equals the bundle's inference on the same slice saved as a PNG.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import mlflow
+import mlflow.pyfunc
 import numpy as np
 
 
-class BundleSegmenter(mlflow.pyfunc.PythonModel):
+class BundleSegmenter(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]  # mlflow exports it lazily
     def load_context(self, context):
-        bundle = Path(context.artifacts["bundle"]).resolve()
-        if str(bundle) not in sys.path:
-            sys.path.insert(0, str(bundle))
-        from scripts.tumorseg.predictor import Predictor
+        from tumorseg.predictor import Predictor  # the installed package (the model's pip requirements)
 
+        bundle = Path(context.artifacts["bundle"]).resolve()
         self.predictor = Predictor.from_bundle(bundle, overrides=dict(context.model_config or {}))
 
     def predict(self, context, model_input, params=None):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Set
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,7 @@ class OutputFolder:
 
     MANIFEST = ".tumorseg-predict.json"
 
-    def __init__(self, root: Path, protected: set[Path] = frozenset()):
+    def __init__(self, root: Path, protected: Set[Path] = frozenset()):
         self.root = Path(root)
         self.protected = {Path(p).resolve() for p in protected}
         path = self.root / self.MANIFEST
@@ -143,8 +144,8 @@ class OutputFolder:
                 self._check(path)
             except OutputError as e:
                 refused.append(e)
-        for e in refused:
-            print(f"error: {show(e)}", file=sys.stderr)
+        for problem in refused:
+            print(f"error: {show(problem)}", file=sys.stderr)
         if refused:
             raise SystemExit(1)
 

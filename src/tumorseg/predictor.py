@@ -178,8 +178,8 @@ class Predictor:
             while cause is not None:
                 chain.append(cause)
                 cause = cause.__cause__ or cause.__context__
-            ours = [c for c in chain if type(c).__name__ == "InputError"]
-            if ours:  # ours, whichever copy of the code raised it
+            ours = [c for c in chain if isinstance(c, InputError)]
+            if ours:
                 raise InputError(str(ours[0])) from None
             if chain and isinstance(chain[-1], ValueError):  # a component's argument check
                 raise InputError(f"bundle config: {chain[-1]}") from None
@@ -203,6 +203,18 @@ class Predictor:
             out = self.postprocess({self.image_key: torch.as_tensor(d[self.image_key]), self.pred_key: logit})
             masks.append(np.asarray(back(torch.as_tensor(out[self.pred_key]).float()))[0] > 0.5)
         return masks, peaks
+
+    def probability_maps(self, slices: list[np.ndarray]) -> list[np.ndarray]:
+        """The network's tumour probability (sigmoid, after the inferer's TTA) of (x, y) slices
+        of one shape, at the network's resolution, before any post-processing: what the presence
+        decision and the box fit read."""
+        import torch
+
+        items = [self.preprocess({self.image_key: torch.as_tensor(s, dtype=torch.float32)[None]}) for s in slices]
+        batch = torch.stack([torch.as_tensor(d[self.image_key]) for d in items]).to(self.device)
+        with torch.no_grad():
+            logits = self.inferer(batch, self.network).float().cpu()
+        return [torch.sigmoid(logit).numpy()[0] for logit in logits]
 
     def predict_volume(self, volume, axis: int = -1, reference: tuple[float, float] | None = None):
         """Mask and per-slice peak probabilities of a 2D slice, or of a 3D volume slice by slice

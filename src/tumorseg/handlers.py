@@ -14,6 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import ignite.distributed as idist
 import numpy as np
@@ -37,12 +38,18 @@ __all__ = [
 ]
 
 
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The engine's scalar metrics as floats (arrays, such as per-class figures, left out)."""
+    return {k: float(v) for k, v in metrics.items() if np.isscalar(v)}  # type: ignore[arg-type]
+
+
 def register_file(engine: Engine, path: str | Path, artifact_path: str | None = None) -> None:
     """Mark a file for upload to the tracking run of this engine (see ``MLflowTracker``),
     into the run's ``artifact_path`` folder (its root when None)."""
     files = getattr(engine.state, "tracked_files", None)
     if files is None:
-        files = engine.state.tracked_files = []
+        files = []
+        engine.state.tracked_files = files  # type: ignore[attr-defined]  # ignite's State takes new attributes
     files.append((str(path), artifact_path))
 
 
@@ -141,7 +148,7 @@ class MetricsLog:
         self.path = Path(path)
         self.validator = validator
         self.optimizer = optimizer
-        self._loss_sum = None  # kept on the device: no GPU sync per iteration
+        self._loss_sum: Any = None  # kept on the device: no GPU sync per iteration
         self._steps = 0
         self._start = 0.0
 
@@ -154,7 +161,7 @@ class MetricsLog:
         self._start = time.perf_counter()
 
     def _iteration(self, engine: Engine) -> None:
-        out = engine.state.output
+        out: Any = engine.state.output  # ignite types it as an int; SupervisedTrainer gives a dict or a list of them
         loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
         loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)  # a tracker may have made it a float
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
@@ -172,7 +179,8 @@ class MetricsLog:
             record["train_loss"] = float(self._loss_sum) / self._steps
         self._loss_sum, self._steps = None, 0
         if self.validator is not None and self.validator.state.epoch == engine.state.epoch:
-            record.update({k: float(v) for k, v in self.validator.state.metrics.items() if np.isscalar(v)})
+            metrics: dict[str, Any] = self.validator.state.metrics
+            record.update(_scalars(metrics))
         if not _is_rank0():
             return
         old = self.path.read_bytes() if self.path.is_file() else b""
@@ -222,7 +230,7 @@ class _CaseCollector:
 
     def _collect(self, engine: Engine) -> None:
         image_key, label_key, pred_key = self.keys
-        out = engine.state.output
+        out: Any = engine.state.output  # the evaluator's list of decollated items (or one)
         for item in out if isinstance(out, list) else [out]:
             pred, label = _as_mask(item[pred_key]), _as_mask(item[label_key])
             row = {"image": _name(item, len(self.rows)), **self.case_metrics(pred, label)}
@@ -277,7 +285,8 @@ class ValidationPanels(_CaseCollector):
             path = self.output_dir / "panels" / f"epoch_{engine.state.epoch:03d}.png"
             write_atomic(path, png)
             register_file(engine, path, "panels")
-        figures = {k: float(v) for k, v in engine.state.metrics.items() if np.isscalar(v)}
+        metrics: dict[str, Any] = engine.state.metrics
+        figures = _scalars(metrics)
         page = html_report(f"Validation after epoch {engine.state.epoch}", figures, self.rows, png)
         path = self.output_dir / "report" / "validation.html"
         write_atomic(path, page.encode())

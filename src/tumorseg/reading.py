@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 SLICE_AXCODES = "LPS"
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -55,7 +56,7 @@ class Case:
 
     path: Path
     kind: str
-    image: object
+    image: Any  # a MetaTensor
     datasets: list = field(default_factory=list)  # DICOM: the source datasets in slice order
     nifti: object = None  # NIfTI: the nibabel image (its header is kept for the mask)
     note: str | None = None  # something the user should know (e.g. which DICOM series was taken)

@@ -37,12 +37,13 @@ class FlipTTAInferer(Inferer):
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
         if not self.enabled:
             return self.inferer(inputs, network, *args, **kwargs)
-        prob = None
+        prob: torch.Tensor | None = None
         for dims in self.flips:
             view = inputs.flip(dims) if dims else inputs
             out = torch.sigmoid(self.inferer(view, network, *args, **kwargs).float())
             out = out.flip(dims) if dims else out
             prob = out if prob is None else prob + out
+        assert prob is not None  # self.flips holds the identity at least
         return torch.logit(prob / len(self.flips), eps=1e-6)
 
 

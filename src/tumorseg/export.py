@@ -1,10 +1,11 @@
 """``tumorseg-export``: a copy of the bundle (and a zip), for MONAI Label or any bundle user.
 
-The export is the bundle folder as it is (configs, docs, LICENSE, its own code under
-``scripts/``), with the weights chosen (``--checkpoint``, default ``models/model.pt``) as
-``models/model.pt``; what training and evaluation write into the bundle (``eval/``,
-``models/last/``, the second stage's ``models/refiner/``) and Python's caches stay out. Nothing
-in it is rewritten: the configs already reach the bundle's code as ``scripts.tumorseg.*`` and
+The export is the bundle folder as it is (configs, docs, LICENSE), with the weights chosen
+(``--checkpoint``, default ``models/model.pt``) as ``models/model.pt``; what training and
+evaluation write into the bundle (``eval/``, ``models/last/``, the second stage's
+``models/refiner/``) and Python's caches stay out. Nothing
+in it is rewritten: the configs name their components ``tumorseg.*``, the installed package
+(``metadata.json``'s ``required_packages_version``; ``build_wheel`` makes its wheel), and take
 every path from ``bundle_root``. MONAI Label's app (``monailabel_app/main.py``) layers
 ``common.yaml`` under the workflow it loads.
 
@@ -53,13 +54,40 @@ def _sha256(path: Path) -> str:
 
 def _files(root: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of the files under ``root``, without the manifest and without
-    Python's byte-code caches (``__pycache__``: written when MONAI imports ``scripts.tumorseg``,
-    derived from the exported sources and rebuilt by Python, so not worth keeping)."""
+    Python's byte-code caches (``__pycache__``), which are not worth keeping."""
     return {
         path.relative_to(root).as_posix(): _sha256(path)
         for path in sorted(root.rglob("*"))
         if path.is_file() and path.relative_to(root).as_posix() != MANIFEST and "__pycache__" not in path.relative_to(root).parts
     }
+
+
+REPOSITORY = Path(__file__).resolve().parents[2]  # pyproject.toml and src/, where this is a source checkout
+
+
+def build_wheel(dest: Path) -> Path:
+    """The wheel of this package (``tumorseg-<version>-py3-none-any.whl``), built by pip from the
+    repository into ``dest``: what MONAI Label's environment and the MLflow model install, instead
+    of a copy of source files. Raises ``ExportError`` where there is no source checkout."""
+    import subprocess
+
+    if not (REPOSITORY / "pyproject.toml").is_file() or not (REPOSITORY / "src" / "tumorseg").is_dir():
+        raise ExportError(REPOSITORY, "no source checkout of tumorseg to build its wheel from (pip wheel <repository>)")
+    import tempfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # a copy: builds running at once never share setuptools' build/
+        source = Path(tmp) / "source"
+        for folder in ("src", "data_tools"):
+            shutil.copytree(REPOSITORY / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(REPOSITORY / name, source / name)
+        command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dest), str(source)]
+        done = subprocess.run(command, capture_output=True, text=True)
+    wheels = sorted(dest.glob("tumorseg-*.whl"))
+    if done.returncode != 0 or not wheels:
+        raise ExportError(REPOSITORY, f"pip wheel failed: {(done.stderr.strip().splitlines() or ['no wheel'])[-1]}")
+    return wheels[-1]
 
 
 def _weights(path: Path, network=None) -> tuple[object, dict]:
@@ -76,8 +104,8 @@ def _weights(path: Path, network=None) -> tuple[object, dict]:
     except OSError:
         raise
     except Exception as e:  # pickle, zip and weights_only errors: the file is not plain weights
-        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n\n", str(e), re.S)
-        detail = detail.group(1) if detail else (str(e).splitlines() or [""])[0]
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)\n\n", str(e), re.S)
+        detail = found.group(1) if found else (str(e).splitlines() or [""])[0]
         raise ExportError(path, f"not loadable with torch.load(weights_only=True) ({type(e).__name__}: {detail})") from None
     state = loaded["model"] if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict) else loaded
     if not isinstance(state, dict):
@@ -86,9 +114,9 @@ def _weights(path: Path, network=None) -> tuple[object, dict]:
         if network is not None:
             network.load_state_dict(state)
     except RuntimeError as e:
-        detail = " ".join(str(e).split())
+        text = " ".join(str(e).split())
         raise ExportError(
-            path, f"weights do not fit the bundle's network_def: {detail[:200]}{'...' if len(detail) > 200 else ''}"
+            path, f"weights do not fit the bundle's network_def: {text[:200]}{'...' if len(text) > 200 else ''}"
         ) from None
     return loaded, state
 

@@ -1,0 +1,1 @@
+"""Speed benchmarks. Run from the repository root as ``python -m benchmarks.<name>`` (``run_all``: one table)."""

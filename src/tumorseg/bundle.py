@@ -1,0 +1,119 @@
+"""Finding the bundle and reading its configs from Python, from any working directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# The bundle this package serves: TUMORSEG_BUNDLE where set (an installed package, e.g. in MONAI
+# Label's environment, next to an exported bundle), else the repository's own bundle beside src/.
+_REPOSITORY_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "brain_tumor_mri_seg"
+BUNDLE = Path(os.environ.get("TUMORSEG_BUNDLE") or _REPOSITORY_BUNDLE)
+
+# the config files each workflow layers, in order (as `python -m monai.bundle run --config_file`):
+# the one definition of the layers; `tumorseg-configs WORKFLOW` prints it for the shell
+WORKFLOWS = {
+    "train": ("common.yaml", "train.yaml"),
+    "train_refiner": ("common.yaml", "train.yaml", "train_refiner.yaml"),  # the second stage
+    "evaluate": ("common.yaml", "train.yaml", "evaluate.yaml"),
+    "inference": ("common.yaml", "inference.yaml"),
+    "multi_gpu_train": ("common.yaml", "train.yaml", "multi_gpu_train.yaml"),
+}
+
+
+def config_files(workflow: str, bundle: Path = BUNDLE) -> list[str]:
+    """The config files of ``workflow`` (a key of ``WORKFLOWS``) in ``bundle``, in layering order."""
+    return [str(Path(bundle) / "configs" / name) for name in WORKFLOWS[workflow]]
+
+
+def parser(workflow: str, bundle: Path = BUNDLE, overrides: dict | None = None):
+    """``ConfigParser`` of ``workflow``'s configs with ``bundle_root`` set to ``bundle``."""
+    from monai.bundle import ConfigParser
+
+    root = str(Path(bundle).resolve())
+    config = ConfigParser()
+    config.read_config(config_files(workflow, bundle))
+    config.update({"bundle_root": root, **(overrides or {})})
+    return config
+
+
+def inference_parser(bundle: Path = BUNDLE, overrides: dict | None = None):
+    """``ConfigParser`` of the bundle's inference workflow (``common.yaml`` + ``inference.yaml``)."""
+    return parser("inference", bundle, overrides)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` command-line overrides; values are JSON where they parse (numbers, lists)."""
+    import json
+
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def command(workflow: str, bundle: Path | str = BUNDLE, run_id: str | None = None) -> str:
+    """The ``python -m monai.bundle run`` command line of ``workflow``, with its config layers."""
+    root = os.path.relpath(Path(bundle).resolve()) if Path(bundle).resolve().is_relative_to(Path.cwd()) else str(bundle)
+    files = ",".join(f"'{root}/configs/{name}'" for name in WORKFLOWS[workflow])
+    default_id = {"train": "training", "train_refiner": "training", "multi_gpu_train": "training", "inference": "inference"}
+    run_id = run_id or default_id.get(workflow, "")
+    return f'python -m monai.bundle run {run_id} --bundle_root {root} --config_file "[{files}]"'.replace("run  ", "run ")
+
+
+def _argument(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def check_invocation(argv: list[str] | None = None) -> None:
+    """The first step of every workflow's ``initialize``: under ``python -m monai.bundle run``, a
+    workflow file given without the files it is layered on (``common.yaml`` ...), or a bundle's
+    own paths taken from a ``bundle_root`` that is no bundle (no ``--bundle_root`` outside the
+    bundle folder), ends in one line saying what to run instead, not in MONAI's traceback of an
+    undefined reference. Elsewhere (MONAI Label, Python) it does nothing: their callers layer the
+    files. Written to run before any reference is resolved: it reads only the command line."""
+    import ast
+    import sys
+
+    argv = sys.argv if argv is None else argv
+    if not argv or Path(argv[0]).parent.name != "bundle" or Path(argv[0]).parent.parent.name != "monai":
+        return
+    given = _argument(argv, "--config_file")
+    if given is None:
+        return
+    try:
+        listed = ast.literal_eval(given) if given.strip().startswith("[") else given.split(",")
+    except (ValueError, SyntaxError):
+        listed = [given]
+    files = [Path(str(f).strip()) for f in (listed if isinstance(listed, (list, tuple)) else [listed])]
+    names = [f.name for f in files]
+    # the workflow: the longest layering whose last file was given
+    workflow = max((w for w, layers in WORKFLOWS.items() if layers[-1] in names), key=lambda w: len(WORKFLOWS[w]), default=None)
+    bundle = files[-1].resolve().parent.parent if files else BUNDLE
+    root = _argument(argv, "--bundle_root")
+    if workflow is not None and not set(WORKFLOWS[workflow]) <= set(names):
+        missing = ", ".join(n for n in WORKFLOWS[workflow] if n not in names)
+        raise SystemExit(
+            f"error: {files[-1]}: a layer of the bundle's configs, not a workflow on its own (missing {missing}); "
+            f"run: {command(workflow, Path(root) if root else bundle)}"
+        )
+    where = Path(root or ".")
+    # training with its outputs placed elsewhere reads nothing of the bundle's own; evaluate and
+    # inference read its weights (the second stage's among them)
+    placed = _argument(argv, "--ckpt_dir") is not None and _argument(argv, "--output_dir") is not None
+    reads_bundle = workflow in ("evaluate", "inference", None) or not placed
+    if reads_bundle and not (where / "configs" / "metadata.json").is_file():
+        shown = f"--bundle_root {root}" if root else "no --bundle_root"
+        raise SystemExit(
+            f"error: {where.resolve()}: not a bundle folder ({shown}; the bundle's paths, models/ and eval/, "
+            f"come from it); run: {command(workflow or 'inference', bundle)}"
+        )
