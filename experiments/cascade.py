@@ -195,7 +195,8 @@ def log_run(args, summary: dict, history: list[float], weights: Path) -> None:
     """One MLflow run, nested under the training run of stage 1's weights (the shipped model)."""
     from mlflow.entities import Metric, Param
 
-    from tumorseg.tracking import file_digest, run_of_weights
+    from experiments.components import run_of_weights
+    from tumorseg.files import file_digest
 
     client, run = run_of_weights(args.tracking_dir, args.experiment, BUNDLE / "models" / "model.pt", "cascade", args.name)
     now = int(time.time() * 1000)

@@ -4,7 +4,7 @@
 
 Each input is a state dict of the bundle's network or a training checkpoint ``{"model": state}``
 (loaded with ``weights_only=True``). The output holds member ``m``'s parameters as
-``members.m.*``: the state dict of ``tumorseg.networks.MeanEnsemble`` built by
+``members.m.*``: the state dict of ``experiments.components.MeanEnsemble`` built by
 ``configs/experiments/ensemble.yaml`` (its ``ensemble_size`` must equal the number of inputs).
 """
 

@@ -51,7 +51,8 @@ def main() -> None:
 
     from mlflow.entities import Metric, Param
 
-    from tumorseg.tracking import file_digest, open_store
+    from tumorseg.files import file_digest
+    from tumorseg.tracking import open_store
 
     checkpoints = dict(kv.split("=", 1) for kv in args.checkpoint)
     client, experiment_id = open_store(args.tracking_dir, args.experiment)

@@ -201,7 +201,7 @@ def main() -> None:
 
     from mlflow.entities import Metric, Param
 
-    from tumorseg.tracking import run_of_weights
+    from experiments.components import run_of_weights
 
     client, run = run_of_weights(args.tracking_dir, args.experiment, args.checkpoint, "presence", f"presence_{args.name}")
     now = int(time.time() * 1000)

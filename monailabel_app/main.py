@@ -18,7 +18,6 @@ versioning: the last existing file of the task's path list).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,8 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.scoring.epistemic_v2 import EpistemicScoring
 from monailabel.tasks.train.bundle import BundleTrainTask
+
+from tumorseg.files import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +81,6 @@ def layered_config(path, config):
     parser.read_config(config_files(config))
     parser.config.update({"bundle_root": path})
     return parser
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Bundle2DInferTask(BundleInferTask):
@@ -195,7 +188,7 @@ class Bundle2DTrainTask(BundleTrainTask):
                 "val_images": self._sizes[1],
                 "start_weights": os.path.relpath(self._start_weights, self.bundle_path) if self._start_weights else None,
                 "weights": TRAINED.joinpath("model.pt").as_posix(),
-                "sha256": _sha256(weights),
+                "sha256": file_digest(weights, None),
                 "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             path = self.trained / STATS

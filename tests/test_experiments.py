@@ -36,7 +36,7 @@ def test_recipe_runs_import_into_mlflow_with_params_curves_and_the_shipped_check
     assert runs["dice_only"].data.params["loss_w_focal"] == "0.0"
     assert runs["dynunet_ds"].info.status == "KILLED" and default.info.status == "FINISHED"
 
-    from tumorseg.tracking import file_digest
+    from tumorseg.files import file_digest
 
     assert default.data.tags["checkpoint_sha256"] == file_digest(weights, None)  # evaluate runs of it nest here
     # the shipped weights as the run's MLflow model, registered
@@ -224,8 +224,8 @@ def test_mean_ensemble_of_packed_weights_runs_through_evaluate(converted_sample,
     takes it like any checkpoint (two copies of the shipped weights score as the weights alone)."""
     import torch
 
+    from experiments.components import MeanEnsemble
     from tumorseg.bundle import parser as bundle_parser
-    from tumorseg.networks import MeanEnsemble
 
     a, b = torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Conv2d(1, 1, 3, padding=1)
     x = torch.randn(2, 1, 8, 8)

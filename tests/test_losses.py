@@ -112,7 +112,7 @@ def test_shape_mismatch_is_refused():
 
 
 def test_tumour_logit_of_class_logits_is_the_softmax_tumour_probability():
-    from tumorseg.networks import TumourFromCategories, tumour_logit
+    from experiments.components import TumourFromCategories, tumour_logit
 
     z = torch.randn(2, 3, 5, 4) * 4
     merged = tumour_logit(z)
@@ -128,8 +128,7 @@ def test_tumour_logit_of_class_logits_is_the_softmax_tumour_probability():
 
 
 def test_category_aware_loss_is_the_tumour_loss_plus_cross_entropy():
-    from tumorseg.losses import CategoryAwareLoss
-    from tumorseg.networks import tumour_logit
+    from experiments.components import CategoryAwareLoss, tumour_logit
 
     z = torch.randn(2, 3, 6, 6, requires_grad=True)
     classes = torch.zeros(2, 1, 6, 6)

@@ -62,7 +62,7 @@ def test_low_resolution_epochs_shrink_the_first_epochs_only_also_on_resume():
     from monai.data import CacheDataset, DataLoader
     from monai.transforms import Compose, RandFlipd, Resized
 
-    from tumorseg.handlers import LowResolutionEpochs
+    from experiments.components import LowResolutionEpochs
 
     data = [{"image": torch.rand(1, 16, 16), "label": torch.zeros(1, 16, 16)} for _ in range(4)]
     compose = Compose([RandFlipd(["image", "label"], prob=0.5)])

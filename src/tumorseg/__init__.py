@@ -21,7 +21,7 @@ __version__ = "0.8.0"  # the bundle's version (configs/metadata.json): one relea
 
 _SUBMODULES = (
     "bundle", "export", "files", "handlers", "inferers", "losses", "metrics", "predict", "predictor", "reading", "report",
-    "runs", "tracking", "transforms", "visualize", "writing",
+    "presence", "runs", "tracking", "transforms", "visualize", "writing",
 )  # fmt: skip
 
 

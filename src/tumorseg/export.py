@@ -17,7 +17,6 @@ weights loaded into ``network_def``), never touches the source bundle, and keeps
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -29,6 +28,7 @@ import zipfile
 from pathlib import Path
 
 from .bundle import BUNDLE
+from .files import file_digest
 
 # written into the bundle by its workflows, never part of an export
 LEFT_OUT = shutil.ignore_patterns("__pycache__", "*.pyc", "eval", "last", "refiner", ".tumorseg-*")
@@ -44,19 +44,11 @@ class ExportError(Exception):
         super().__init__(f"{path}: {' '.join(str(problem).split())}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _files(root: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of the files under ``root``, without the manifest and without
     Python's byte-code caches (``__pycache__``), which are not worth keeping."""
     return {
-        path.relative_to(root).as_posix(): _sha256(path)
+        path.relative_to(root).as_posix(): file_digest(path, None)
         for path in sorted(root.rglob("*"))
         if path.is_file() and path.relative_to(root).as_posix() != MANIFEST and "__pycache__" not in path.relative_to(root).parts
     }

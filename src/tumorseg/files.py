@@ -15,6 +15,19 @@ def show(path) -> str:
     return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def file_digest(path: str | Path, length: int | None = 16) -> str:
+    """SHA-256 of a file (a datalist, a checkpoint, an export's file), read in blocks, cut to
+    ``length`` hex digits (None: all 64). The one digest of the project: runs, exports and MONAI
+    Label's records name weights by it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 

@@ -30,7 +30,6 @@ from .visualize import panel
 
 __all__ = [
     "AtomicCheckpointSaver",
-    "LowResolutionEpochs",
     "MetricsLog",
     "ValidationPanels",
     "SegmentationReport",
@@ -95,38 +94,6 @@ class AtomicCheckpointSaver(CheckpointSaver):
         ):
             if checkpoint is not None:
                 checkpoint.save_handler = _AtomicSaver(save_dir, filename, keep_only_newest)
-
-
-class LowResolutionEpochs:
-    """Progressive resizing: the first ``epochs`` epochs train on images that ``transform`` shrinks
-    (e.g. MONAI's ``Resized`` to 128 px), the later ones at the size the data are cached at.
-
-    A convolutional network's step costs in proportion to the pixels, so early epochs, which only
-    need the coarse picture, run several times faster; the last epochs, at full size, adapt the
-    network to the scale it is evaluated at. ``transform`` is appended to the end of ``compose``
-    (the training dataset's transforms, after the random augmentation) while the epoch about to
-    run is a low-resolution one, and removed after. It is set when training starts (also when it
-    resumes) and after every epoch, before the next epoch's loader workers start.
-
-    Args:
-        compose: the training dataset's ``Compose`` (``train#preprocessing``).
-        transform: the shrinking transform (deterministic, on image and label).
-        epochs: how many epochs, from the first, train shrunk; 0 disables it.
-    """
-
-    def __init__(self, compose, transform, epochs: int) -> None:
-        if int(epochs) < 0:
-            raise ValueError(f"epochs must be >= 0, got {epochs}.")
-        self.compose, self.transform, self.epochs = compose, transform, int(epochs)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._set)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._set)
-
-    def _set(self, engine: Engine) -> None:
-        shrink = engine.state.epoch < self.epochs  # state.epoch: the epochs completed so far
-        others = tuple(t for t in self.compose.transforms if t is not self.transform)
-        self.compose.transforms = (*others, self.transform) if shrink else others
 
 
 class MetricsLog:

@@ -1,5 +1,4 @@
-"""The seed poster's combined Dice + focal loss, for binary (sigmoid) segmentation, and its
-category-aware form."""
+"""The seed poster's combined Dice + focal loss, for binary (sigmoid) segmentation."""
 
 from __future__ import annotations
 
@@ -7,9 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-from .networks import tumour_logit
-
-__all__ = ["CategoryAwareLoss", "PosterDiceFocalLoss"]
+__all__ = ["PosterDiceFocalLoss"]
 
 
 class PosterDiceFocalLoss(_Loss):
@@ -132,58 +129,3 @@ class PosterDiceFocalLoss(_Loss):
         if self.reduction == "sum":
             return self.w_dice * dice.sum() + self.w_focal * focal.sum()
         return self.w_dice * dice.mean() + self.w_focal * focal.mean()
-
-
-class CategoryAwareLoss(_Loss):
-    """
-    The tumour loss on the merged tumour logit plus a cross-entropy on the tumour categories, for a
-    network with one logit per class (:class:`tumorseg.networks.TumourFromCategories` in training):
-
-    .. math::
-
-        L = L_{tumour}\\left(\\log \\sum_{c \\ge 1} e^{z_c} - z_0,\\; [y > 0]\\right)
-            + w_{category}\\,\\overline{\\text{CE}(\\operatorname{softmax}(z), y)}
-
-    where :math:`z` are the class logits (channel 0 background), :math:`y` the class of each pixel
-    (0 background, ``c`` the category ``c``, as ``tumorseg-convert --keep-categories`` writes the
-    masks) and the cross-entropy is averaged over pixels. The tumour term is exactly the loss the
-    one-channel network is trained with, so the categories only add what telling them apart teaches.
-
-    Shapes: ``input`` ``(B, C, spatial...)`` with ``C >= 2``; ``target`` ``(B, 1, spatial...)``
-    holding class indices ``0 .. C-1``.
-    """
-
-    def __init__(self, tumour_loss: torch.nn.Module, w_category: float = 1.0) -> None:
-        """
-        Args:
-            tumour_loss: the loss of the tumour logit against the 0/1 tumour mask
-                (e.g. :class:`PosterDiceFocalLoss`).
-            w_category: weight of the cross-entropy, >= 0 (0: the categories teach nothing).
-
-        Raises:
-            ValueError: when ``w_category`` is negative.
-        """
-        super().__init__()
-        if w_category < 0:
-            raise ValueError(f"w_category must be >= 0, got {w_category}.")
-        self.tumour_loss, self.w_category = tumour_loss, float(w_category)
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """
-        Raises:
-            ValueError: for fewer than 2 classes, a target that is not one channel of the input's
-                batch and spatial shape, or class indices outside ``0 .. C-1``.
-        """
-        if input.ndim < 3 or input.shape[1] < 2:
-            raise ValueError(f"input must be class logits (B, C >= 2, spatial...), got shape {tuple(input.shape)}.")
-        if target.shape != (input.shape[0], 1, *input.shape[2:]):
-            raise ValueError(
-                f"target must be (B, 1, spatial...) class indices for input {tuple(input.shape)}, got {tuple(target.shape)}."
-            )
-        classes = target[:, 0].round().long()
-        if classes.min() < 0 or classes.max() >= input.shape[1]:
-            raise ValueError(f"target classes must be in 0..{input.shape[1] - 1}, got {classes.min()}..{classes.max()}.")
-        tumour = self.tumour_loss(tumour_logit(input), (classes > 0)[:, None].to(input.dtype))
-        if self.w_category == 0:
-            return tumour
-        return tumour + self.w_category * F.cross_entropy(input.float(), classes)

@@ -7,7 +7,6 @@ metrics and the store stay MONAI's.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import re
@@ -20,9 +19,10 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
+from .files import file_digest
+
 __all__ = [
     "MLflowTracker",
-    "file_digest",
     "run_name",
     "environment_params",
     "store_lock",
@@ -45,11 +45,6 @@ def run_name(workflow: str, record: str | None = None) -> str:
     if record and Path(record).is_file():
         return Path(record).read_text().strip()
     return f"{workflow}_{time.strftime('%Y%m%d_%H%M%S')}_{os.urandom(2).hex()}"
-
-
-def file_digest(path: str | Path, length: int | None = 16) -> str:
-    """SHA-256 of a file (the datalist, a checkpoint), cut to ``length`` hex digits."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:length]
 
 
 def environment_params(device=None) -> dict[str, str]:
@@ -121,19 +116,6 @@ def open_store(tracking_dir: str | Path, experiment: str = "brain_tumor_mri_seg"
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location=artifacts)
     return client, experiment_id
-
-
-def run_of_weights(tracking_dir, experiment: str, checkpoint, workflow: str, run_name: str):
-    """``(client, run)``: a new run in the store of ``tracking_dir`` about one set of weights
-    (an analysis such as the post-processing table or the presence check), tagged with the
-    weights' SHA-256 and nested under the training run that produced them, where there is one."""
-    client, experiment_id = open_store(tracking_dir, experiment)
-    digest = file_digest(checkpoint, None)
-    tags = {"workflow": workflow, "bundle": "brain_tumor_mri_seg", "checkpoint_sha256": digest}
-    parent = training_run_id(client, experiment_id, digest)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    return client, client.create_run(experiment_id, tags=tags, run_name=run_name)
 
 
 def training_run_id(client, experiment_id: str, digest: str) -> str | None:
