@@ -345,10 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         heldout += items
         counts[source] = len(items)
 
-    real = {"training": [], "healthy_select": [], "healthy_real": []}
-    for folder in args.real:
-        from tumorseg.reading import InputError, read_slice
+    from tumorseg.reading import InputError, read_slice
 
+    real: dict[str, list] = {"training": [], "healthy_select": [], "healthy_real": []}
+    for folder in args.real:
         for path in slice_files(folder):
             part = real_part(path, split)
             if part == "training":

@@ -61,8 +61,8 @@ def command(workflow: str, bundle: Path | str = BUNDLE, run_id: str | None = Non
     root = os.path.relpath(Path(bundle).resolve()) if Path(bundle).resolve().is_relative_to(Path.cwd()) else str(bundle)
     files = ",".join(f"'{root}/configs/{name}'" for name in WORKFLOWS[workflow])
     default_id = {"train": "training", "train_refiner": "training", "multi_gpu_train": "training", "inference": "inference"}
-    run_id = run_id or default_id.get(workflow, "")
-    return f'python -m monai.bundle run {run_id} --bundle_root {root} --config_file "[{files}]"'.replace("run  ", "run ")
+    words = ["python -m monai.bundle run", run_id or default_id.get(workflow, ""), f"--bundle_root {root}"]
+    return " ".join(w for w in words if w) + f' --config_file "[{files}]"'
 
 
 def _argument(argv: list[str], name: str) -> str | None:

@@ -6,6 +6,7 @@ and post-processing definition of the bundle config (``slice_preprocessing`` and
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -187,15 +188,21 @@ class Predictor:
         except (ValueError, TypeError, KeyError) as e:
             raise InputError(f"bundle config: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}") from None
 
+    def _logits(self, slices: list[np.ndarray]) -> tuple[list[dict], Any]:
+        """The preprocessed items and the network's logits (N, 1, H, W) of same-shape (x, y) slices."""
+        import torch
+
+        items = [self.preprocess({self.image_key: torch.as_tensor(s, dtype=torch.float32)[None]}) for s in slices]
+        batch = torch.stack([torch.as_tensor(d[self.image_key]) for d in items]).to(self.device)
+        with torch.no_grad():
+            return items, self.inferer(batch, self.network).float().cpu()
+
     def _batch(self, slices: list[np.ndarray]) -> tuple[list[np.ndarray], list[float]]:
         """Masks (each at its slice's size) and peak probabilities of same-shape (x, y) slices."""
         import torch
         from monai.transforms import Resize
 
-        items = [self.preprocess({self.image_key: torch.as_tensor(s, dtype=torch.float32)[None]}) for s in slices]
-        batch = torch.stack([torch.as_tensor(d[self.image_key]) for d in items]).to(self.device)
-        with torch.no_grad():
-            logits = self.inferer(batch, self.network).float().cpu()
+        items, logits = self._logits(slices)
         back = Resize(spatial_size=tuple(slices[0].shape), mode="nearest")
         masks, peaks = [], []
         for d, logit in zip(items, logits):
@@ -210,10 +217,7 @@ class Predictor:
         decision and the box fit read."""
         import torch
 
-        items = [self.preprocess({self.image_key: torch.as_tensor(s, dtype=torch.float32)[None]}) for s in slices]
-        batch = torch.stack([torch.as_tensor(d[self.image_key]) for d in items]).to(self.device)
-        with torch.no_grad():
-            logits = self.inferer(batch, self.network).float().cpu()
+        _, logits = self._logits(slices)
         return [torch.sigmoid(logit).numpy()[0] for logit in logits]
 
     def predict_volume(self, volume, axis: int = -1, reference: tuple[float, float] | None = None):
