@@ -36,7 +36,8 @@ slices look like the ones the predictor will feed the network.
 
 Output (``OUT``): ``images/<source>/*.png``, ``labels/<source>/*.png`` (8-bit) and
 ``datalist.json`` holding the Kaggle lists of ``--dataset_dir`` (paths rebased) with the
-training negatives appended to ``training``, and more lists: ``healthy`` (the held-out
+training negatives appended to ``training`` (marked ``"tumour": 0``, as any tumour-free slice of
+your own should be: the recipe's first stage leaves them to its negatives stage), and more lists: ``healthy`` (the held-out
 negatives), ``presence`` (``validation`` plus ``healthy``: tumour and healthy slices for
 sensitivity and specificity) and, with ``--real`` and ``--other-tumours``, ``healthy_select``,
 ``healthy_real`` and ``other_tumours`` (items ``{"image": ..., "tumour": 0 or 1}``, no label).
@@ -375,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     merged["negatives"] = counts
     for key in ("training", "validation", "test"):
         merged[key] = rebase(datalist.get(key, []))
-    merged["training"] += negatives
+    # tumour-free items say so: train.yaml's segmentation stage leaves them to the negatives stage
+    merged["training"] += [{**item, "tumour": 0} for item in negatives]
     merged["healthy"] = heldout
     merged["presence"] = merged["validation"] + heldout
     if args.real:

@@ -14,7 +14,9 @@ BUNDLE = Path(os.environ.get("TUMORSEG_BUNDLE") or _REPOSITORY_BUNDLE)
 # the one definition of the layers; `tumorseg-configs WORKFLOW` prints it for the shell
 WORKFLOWS = {
     "train": ("common.yaml", "train.yaml"),
+    "train_negatives": ("common.yaml", "train.yaml", "train_negatives.yaml"),  # a stage of the recipe
     "train_refiner": ("common.yaml", "train.yaml", "train_refiner.yaml"),  # the second stage
+    "train_poster": ("common.yaml", "train.yaml", "train_poster.yaml"),  # the poster's recipe
     "evaluate": ("common.yaml", "train.yaml", "evaluate.yaml"),
     "inference": ("common.yaml", "inference.yaml"),
     "multi_gpu_train": ("common.yaml", "train.yaml", "multi_gpu_train.yaml"),
@@ -60,7 +62,14 @@ def command(workflow: str, bundle: Path | str = BUNDLE, run_id: str | None = Non
     """The ``python -m monai.bundle run`` command line of ``workflow``, with its config layers."""
     root = os.path.relpath(Path(bundle).resolve()) if Path(bundle).resolve().is_relative_to(Path.cwd()) else str(bundle)
     files = ",".join(f"'{root}/configs/{name}'" for name in WORKFLOWS[workflow])
-    default_id = {"train": "training", "train_refiner": "training", "multi_gpu_train": "training", "inference": "inference"}
+    default_id = {
+        "train": "training",
+        "train_poster": "training",
+        "train_negatives": "run",
+        "train_refiner": "run",
+        "multi_gpu_train": "training",
+        "inference": "inference",
+    }
     words = ["python -m monai.bundle run", run_id or default_id.get(workflow, ""), f"--bundle_root {root}"]
     return " ".join(w for w in words if w) + f' --config_file "[{files}]"'
 

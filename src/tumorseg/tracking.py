@@ -170,6 +170,10 @@ class MLflowTracker(MLFlowHandler):
             ``epoch_length``): a training's; an evaluation's (1 epoch) would only mislead.
         source_checkpoint: for evaluation runs, the checkpoint being evaluated.
         run_record: file to keep the run's name in, for :func:`run_name` when resuming.
+        parent_run: name of the recipe's parent run (:class:`tumorseg.training.Recipe`): the run
+            is nested under it (created by the first stage, in the same experiment), and the
+            parent's id and store are written to ``recipe_record`` for the recipe to end it.
+        recipe_record: where to write them.
         kwargs: everything ``monai.handlers.MLFlowHandler`` takes.
     """
 
@@ -185,12 +189,16 @@ class MLflowTracker(MLFlowHandler):
         engine_params: bool = True,
         source_checkpoint: str | None = None,
         run_record: str | None = None,
+        parent_run: str | None = None,
+        recipe_record: str | None = None,
         **kwargs,
     ) -> None:
         self.store_uri = kwargs.get("tracking_uri")
         with store_lock(self.store_uri):  # MLflow opens (and may create) the store here
             super().__init__(**kwargs)
         self.run_record = run_record
+        self.parent_run = parent_run
+        self.recipe_record = recipe_record
         self.tags = {k: str(v) for k, v in (tags or {}).items()}
         self.config_file = _joined(config_file) if config_file else None
         self.checkpoint = checkpoint
@@ -218,9 +226,34 @@ class MLflowTracker(MLFlowHandler):
             write_atomic(self.run_record, self.cur_run.info.run_name.encode())
         for key, value in self.tags.items():
             self.client.set_tag(run_id, key, value)
+        if self.parent_run:
+            self.client.set_tag(run_id, "mlflow.parentRunId", self._recipe_run_id())
         self._log_params_batched(environment_params())
         if self.source_checkpoint and Path(self.source_checkpoint).is_file():
             self._link_to_training_run(run_id, file_digest(self.source_checkpoint, None))
+
+    def _recipe_run_id(self) -> str:
+        """The id of the parent run named ``parent_run``, created (tagged ``workflow: recipe``) if new."""
+        import json
+
+        from .files import write_atomic
+
+        assert self.experiment is not None
+        with store_lock(self.store_uri):
+            found = self.client.search_runs(
+                [self.experiment.experiment_id], filter_string=f"attributes.run_name = '{self.parent_run}'"
+            )
+            run = (
+                found[0]
+                if found
+                else self.client.create_run(
+                    self.experiment.experiment_id, run_name=self.parent_run, tags={**self.tags, "workflow": "recipe"}
+                )
+            )
+        if self.recipe_record:
+            record = {"run_id": run.info.run_id, "run_name": self.parent_run, "tracking_uri": self.client.tracking_uri}
+            write_atomic(self.recipe_record, json.dumps(record).encode())
+        return run.info.run_id
 
     def _log_params_batched(self, params: dict) -> None:
         assert self.cur_run is not None
