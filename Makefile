@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo   set up, then the shipped model on the embedded sample (Dice, overlays, a healthy
-#               volume), and the smoke run: convert, train a few epochs, evaluate, all in MLflow
+#               volume), and the smoke run: convert, the whole training recipe for a few epochs
+#               (first stage, negatives, refiner: models/model.pt and refiner.pt), evaluate, all in MLflow
 #   make test   set up, then run the test suite
 # Everything runs from the repository root, inside .venv.
 
@@ -32,7 +33,8 @@ $(VENV)/.installed: pyproject.toml
 
 # 1. the shipped model at work: evaluated on the sample's held-out slices (Dice printed), masks and
 #    overlays of those slices and of a real healthy volume; 2. the pipeline's smoke run: convert,
-#    train a few epochs, evaluate; everything tracked in MLflow.
+#    every stage of the training recipe for a few epochs, evaluate the cascade it made; everything
+#    tracked in MLflow.
 SHIPPED_EVAL := "['$(BUNDLE)/configs/common.yaml','$(BUNDLE)/configs/train.yaml','$(BUNDLE)/configs/evaluate.yaml']"
 HEALTHY_VOLUME = $(shell $(BIN)/python -c "from nibabel.testing import data_path; print(data_path)")/anatomical.nii
 demo: setup
@@ -43,8 +45,9 @@ demo: setup
 	    print(f'shipped model on the sample\'s $(EVAL_LIST) slices: per-image Dice {s[\"per_image\"][\"dice\"][\"mean\"]:.3f} over {s[\"images\"]} slices')"
 	$(BIN)/tumorseg-predict $(DATA)/$(EVAL_LIST) $(HEALTHY_VOLUME) --output $(RUN)/predictions --no-progress
 	$(BIN)/python -m monai.bundle run training --config_file $(TRAIN_CONFIGS) $(RUN_ARGS)
-	$(BIN)/python -m monai.bundle run --config_file $(EVAL_CONFIGS) $(RUN_ARGS) --eval_list $(EVAL_LIST)
-	$(BIN)/tumorseg-runs --tracking-dir $(TRACKING_DIR) --last 3
+	$(BIN)/python -m monai.bundle run --config_file $(EVAL_CONFIGS) $(RUN_ARGS) --eval_list $(EVAL_LIST) \
+	    --refiner_checkpoint $(RUN)/models/refiner.pt
+	$(BIN)/tumorseg-runs --tracking-dir $(TRACKING_DIR) --last 6
 	@echo "look at: $(RUN)/predictions/*_overlay.png (masks and overlays of the shipped model; anatomical_overlay.png: a healthy volume),"
 	@echo "         $(RUN)/shipped/evaluate_$(EVAL_LIST)/report.html, and the runs above in 'make mlflow-ui' (http://127.0.0.1:5000)"
 
@@ -112,3 +115,14 @@ monailabel-serve: monailabel-venv monailabel-app
 	PATH=$(abspath $(ML_VENV))/bin:$$PATH TUMORSEG_CORS_ORIGINS=http://127.0.0.1:$(ML_PORT) \
 	    $(ML_VENV)/bin/monailabel start_server --app monailabel_app \
 	    --studies $(STUDIES) --host 127.0.0.1 --port $(ML_PORT) --conf models brain_tumor_mri_seg
+
+# A local PACS to try `python -m tumorseg.dicomweb predict URL --output DIR` on: Debian's Orthanc
+# with its DICOMweb plugin (apt-get install orthanc orthanc-dicomweb) on 127.0.0.1, as
+# tests/test_pacs.py runs it, storage in PACS_DIR, its login that of TUMORSEG_DICOMWEB_USER and
+# TUMORSEG_DICOMWEB_PASSWORD (set them in the environment); DICOMweb root http://127.0.0.1:PACS_PORT/dicom-web
+PACS_DIR ?= runs/pacs
+PACS_PORT ?= 8042
+PACS_DICOM_PORT ?= 4242
+.PHONY: pacs-serve
+pacs-serve: setup
+	$(BIN)/python tests/pacs_server.py $(PACS_DIR) $(PACS_PORT) $(PACS_DICOM_PORT)

@@ -108,7 +108,7 @@ def train_in_bundle(args) -> Path:
                 "learning_rate": args.learning_rate, "seed": args.seed, "cpu_bf16": "auto" if args.bf16 else "false",
                 "num_workers": args.num_workers}  # fmt: skip
     out = args.out.resolve()
-    command = [sys.executable, "-m", "monai.bundle", "run", "training", "--bundle_root", str(BUNDLE),
+    command = [sys.executable, "-m", "monai.bundle", "run", "run", "--bundle_root", str(BUNDLE),
                "--config_file", str(configs), "--dataset_dir", str(args.dataset_dir.resolve()),
                "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval")]  # fmt: skip
     for key, value in settings.items():

@@ -96,7 +96,7 @@ def main() -> None:
             "-m",
             "monai.bundle",
             "run",
-            "training",
+            "run",  # one stage: train.yaml plus the recipe's overrides
             "--config_file",
             str(config_files(name)),
             "--bundle_root",

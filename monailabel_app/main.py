@@ -8,10 +8,10 @@ The export is a copy of the bundle: its configs name their components ``tumorseg
 installed into MONAI Label's environment from its wheel (``make monailabel-venv``), and each
 workflow is layered on ``configs/common.yaml``, the bundle's shared definitions, which this app reads first.
 
-Per bundle: an infer task, a train task (the bundle's ``run`` id on the labels saved in the
-datastore) and, for the first bundle, MC-dropout epistemic scoring; strategies ``random``,
-``first`` and ``epistemic``. Training writes into ``models/monailabel/`` of the export (weights,
-``last/``, ``eval/metrics.jsonl``, ``train_stats.json``), never over the shipped
+Per bundle: an infer task, a train task (the bundle's training recipe, ``training``, on the
+labels saved in the datastore) and, for the first bundle, MC-dropout epistemic scoring; strategies
+``random``, ``first`` and ``epistemic``. Training writes into ``models/monailabel/`` of the export
+(``model.pt``, ``refiner.pt``, ``stages/``, ``eval/``, ``train_stats.json``), never over the shipped
 ``models/model.pt``; /infer serves the trained weights once they exist (MONAI Label's model
 versioning: the last existing file of the task's path list).
 """
@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 import types
 from datetime import datetime, timezone
 from pathlib import Path
 
-import monai.bundle
 from monai.transforms import SqueezeDimd
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -126,10 +126,11 @@ class Bundle2DInferTask(BundleInferTask):
 
 
 class Bundle2DTrainTask(BundleTrainTask):
-    """MONAI Label's bundle trainer on the layered configs, writing into ``models/monailabel/``
-    of the bundle (``ckpt_dir``: the best model as ``model.pt`` and ``last/``; ``output_dir``:
-    ``eval/`` with metrics.jsonl and panels), and ``train_stats.json`` there after each run,
-    which ``stats()`` (``/info`` ``train_stats``) returns."""
+    """MONAI Label's bundle trainer running the bundle's training recipe (train.yaml's
+    ``training``: every stage, as ``python -m monai.bundle run training`` runs it) on the labels
+    of the datastore, writing into ``models/monailabel/`` of the bundle (``ckpt_dir``: the
+    published ``model.pt`` and ``refiner.pt``, ``stages/``; ``output_dir``: ``eval/``), and
+    ``train_stats.json`` there after each run, which ``stats()`` (``/info`` ``train_stats``) returns."""
 
     def _load_bundle_config(self, path, config):
         return layered_config(path, config)
@@ -148,40 +149,54 @@ class Bundle2DTrainTask(BundleTrainTask):
         return train, val
 
     def _load_checkpoint(self, model_pytorch, pretrained, train_handlers):
-        if not pretrained:  # MONAI Label's own method fails on os.path.exists(None)
+        # the recipe's first stage starts from init_weights, not from a loader handler MONAI Label
+        # adds (every stage would load it, the refiner too): what /infer serves, the weights
+        # trained last, else the shipped ones
+        self._start_weights = None
+        if not pretrained:
             return
-        # fine-tune what /infer serves: the weights trained last, else the shipped ones
         newest = self.trained / "model.pt"
         if newest.is_file() and Path(model_pytorch) == Path(self.bundle_path) / "models" / "model.pt":
             model_pytorch = str(newest)
-        self._start_weights = model_pytorch
-        super()._load_checkpoint(model_pytorch, pretrained, train_handlers)
+        if Path(model_pytorch).is_file():
+            self._start_weights = model_pytorch
 
     def _update_overrides(self, overrides):
-        overrides.update({"ckpt_dir": str(self.trained), "output_dir": str(self.trained / "eval")})
+        overrides["max_epochs"] = overrides.pop(self.const.key_train_trainer_max_epochs())  # every stage's
+        overrides.update(
+            {"ckpt_dir": str(self.trained), "output_dir": str(self.trained / "eval"), "init_weights": self._start_weights}
+        )
         return overrides
 
     def run_single_gpu(self, request, overrides):
-        # MONAI Label's own passes the one train config file: the list carries common.yaml
-        monai.bundle.run(
-            run_id=request.get("run_id") or "run",
-            meta_file=self.bundle_metadata_path,
-            config_file=config_files(self.bundle_config_path),
-            **overrides,
-        )
+        # as MONAI Label's multi-GPU path does: the bundle's configs with its overrides merged into
+        # one file, run by the bundle's command line (each stage of the recipe a process)
+        config = layered_config(self.bundle_path, self.bundle_config_path)
+        tracking = overrides.pop("tracking", None)  # a workflow setting, not a config key
+        for key, value in overrides.items():
+            config[key] = f"$torch.device('{value}')" if key == self.const.key_device() else value
+        self.trained.mkdir(parents=True, exist_ok=True)
+        merged = self.trained / "train_config.json"
+        config.export_config_file(config.config, str(merged), indent=1)
+        command = [sys.executable, "-m", "monai.bundle", "run", request.get("run_id") or "training",
+                   "--config_file", json.dumps([str(merged)]), "--meta_file", self.bundle_metadata_path,
+                   "--bundle_root", self.bundle_path] + (["--tracking", tracking] if tracking else [])  # fmt: skip
+        subprocess.run(command, check=True)
 
     def __call__(self, request, datastore):
-        start, metrics = time.time(), self.trained / "eval" / "metrics.jsonl"
-        seen = len(metrics.read_text().splitlines()) if metrics.is_file() else 0  # earlier runs' lines
+        start = time.time()
         self._start_weights, self._sizes = None, (0, 0)
         result = super().__call__(request, datastore)
-        epochs = [json.loads(line) for line in metrics.read_text().splitlines()[seen:]] if metrics.is_file() else []
+        recipe = self.trained / "stages" / "recipe.json"
+        metrics = self.trained / "eval" / "stages" / "segmentation" / "metrics.jsonl"
+        epochs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
         weights = self.trained / "model.pt"
-        if epochs and weights.is_file():
+        if epochs and weights.is_file() and recipe.is_file():
             best = max(epochs, key=lambda e: e.get("val_mean_dice", float("-inf")))
             stats = {
                 "total_time": round(time.time() - start, 1),
-                "epochs": len(epochs),
+                "stages": list(json.loads(recipe.read_text())["stages"]),
+                "epochs": len(epochs),  # of the first stage
                 "best_metric": best.get("val_mean_dice"),  # val_mean_dice, the bundle's key metric
                 "best_metric_epoch": best["epoch"],
                 "train_images": self._sizes[0],

@@ -76,7 +76,7 @@ def trained(converted_sample, tmp_path_factory):
             "-m",
             "monai.bundle",
             "run",
-            "training",
+            "run",  # one stage (tests/test_recipe.py runs the whole recipe)
             "--config_file",
             TRAIN,
             "--dataset_dir",

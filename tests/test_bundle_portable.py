@@ -60,7 +60,7 @@ def test_training_evaluate_and_inference_run_from_another_directory(converted_sa
         return check(run_cli("-m", "monai.bundle", "run", *args, cwd=cwd))
 
     shipped = (copy / "models" / "model.pt").read_bytes()
-    bundle("training", "--dataset_dir", str(converted_sample), "--max_epochs", "1", *QUICK, configs=["common.yaml", "train.yaml"])
+    bundle("run", "--dataset_dir", str(converted_sample), "--max_epochs", "1", *QUICK, configs=["common.yaml", "train.yaml"])
     assert (copy / "models" / "model.pt").read_bytes() != shipped  # trained into the copy, from bundle_root
     assert (copy / "eval" / "metrics.jsonl").is_file()
     bundle(

@@ -187,7 +187,7 @@ def test_category_aware_recipe_trains_on_categories_and_runs_as_one_tumour_logit
     files = [str(BUNDLE / "configs" / f) for f in ("common.yaml", "train.yaml")]
     files += [str(REPO / "configs" / "experiments" / f) for f in ("per_image_dice.yaml", "categories.yaml")]
     out = tmp_path / "run"
-    check(run_cli("-m", "monai.bundle", "run", "training", "--config_file", str(files), "--dataset_dir", str(data),
+    check(run_cli("-m", "monai.bundle", "run", "run", "--config_file", str(files), "--dataset_dir", str(data),
                   "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), "--max_epochs", "2", *QUICK))  # fmt: skip
     epochs = [json.loads(line) for line in (out / "eval" / "metrics.jsonl").read_text().splitlines()]
     assert len(epochs) == 2 and all(0.0 <= e["val_mean_dice"] <= 1.0 for e in epochs)

@@ -213,7 +213,7 @@ def test_train_evaluate_register_and_load_through_the_server(mlflow_server, conv
     since = time.time()
     tracking, _ = _tracking(mlflow_server, tmp_path / "mlflow")
     common = ["--dataset_dir", str(converted_sample), "--ckpt_dir", str(tmp_path / "models"), *QUICK, *tracking]
-    check(run_cli("-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--max_epochs", "1",
+    check(run_cli("-m", "monai.bundle", "run", "run", "--config_file", TRAIN, "--max_epochs", "1",
                   "--output_dir", str(tmp_path / "train"), *common))  # fmt: skip
     check(run_cli("-m", "monai.bundle", "run", "--config_file", configs("evaluate.yaml"), "--eval_list", "validation",
                   "--output_dir", str(tmp_path / "evaluate"), *common))  # fmt: skip
@@ -262,7 +262,7 @@ def test_four_trainings_log_at_once(mlflow_server, converted_sample, tmp_path):
         tracking, env = _tracking(mlflow_server, tmp_path / f"mlflow_{i}", "argument" if i < 2 else "environment")
         # default run names: started in the same second, they must still be four runs (MONAI's handler
         # joins an unfinished run of the same name, so tracking.run_name adds a random suffix)
-        args = ["-m", "monai.bundle", "run", "training", "--config_file", TRAIN, "--bundle_root", str(BUNDLE),
+        args = ["-m", "monai.bundle", "run", "run", "--config_file", TRAIN, "--bundle_root", str(BUNDLE),
                 "--dataset_dir", str(converted_sample), "--ckpt_dir", str(tmp_path / f"models_{i}"),
                 "--output_dir", str(tmp_path / f"train_{i}"), "--max_epochs", "1",
                 *QUICK, *tracking]  # fmt: skip

@@ -263,7 +263,7 @@ def test_refiner_trains_through_the_bundle_and_evaluate_uses_it(converted_sample
 
     models, store = tmp_path / "models", tmp_path / "mlflow"
     train_refiner = configs("train_refiner.yaml")
-    check(run_cli("-m", "monai.bundle", "run", "training", "--config_file", train_refiner, "--dataset_dir",
+    check(run_cli("-m", "monai.bundle", "run", "run", "--config_file", train_refiner, "--dataset_dir",
                   str(converted_sample), "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "eval"),
                   "--max_epochs", "2", "--refine_size", "32", "--num_workers", "0",
                   "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(store)))  # fmt: skip

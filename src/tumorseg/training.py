@@ -112,7 +112,7 @@ class Recipe:
         stages = [stages] if isinstance(stages, str) else list(stages)
         unknown = [s for s in stages if s not in STAGES]
         if unknown or not stages:
-            raise ValueError(f"recipe_stages {stages}: each must be one of {list(STAGES)}")
+            raise SystemExit(f"error: recipe_stages {stages}: each must be one of {list(STAGES)}")
         self.stages = [s for s in STAGES if s in stages]  # always in the recipe's order
         self.bundle_root = str(bundle_root)
         self.ckpt_dir = Path(ckpt_dir)
