@@ -3,11 +3,11 @@
 Input: the download root, one folder per split (``train/``, ``valid/``, ``test/``), each with its
 images and an ``_annotations.coco.json``. Output, into a separate folder:
 
-- ``labels/<split>/<label path>``: one 8-bit single-channel mask per image, at the image's own
-  size as displayed. The label path is the image's ``file_name`` (subfolders kept) with its suffix
-  replaced by ``.png``: ``sub/a.jpg`` -> ``labels/train/sub/a.png``. Where two images of a split
-  would get the same label path, also when the paths differ only in letter case (``x.jpg`` and
-  ``x.png``, ``X.jpg`` and ``x.jpg``) or when one label path is the folder of another, each of
+- ``labels/<split>/<label path>``: one 8-bit single-channel mask per image file, at the image's
+  own size as displayed. The label path is the image's ``file_name`` (subfolders kept) with its
+  suffix replaced by ``.png``: ``sub/a.jpg`` -> ``labels/train/sub/a.png``. Where two images of a
+  split would get the same label path, also when the paths differ only in letter case (``x.jpg``
+  and ``x.png``, ``X.jpg`` and ``x.jpg``) or when one label path is the folder of another, each of
   them keeps its suffix in the name (``x_jpg.png``, ``x_png.png``); where that still clashes, the
   first 8 hex digits of the SHA-256 of the ``file_name`` follow (``x_JPG-1a2b3c4d.png``). So no two
   images share a label, even on a case-insensitive file system, no label is an input image, and
@@ -23,33 +23,58 @@ An annotation is drawn from its ``segmentation``: polygons, or a COCO RLE (``{"c
 with compressed string or uncompressed list counts, as ``iscrowd=1`` annotations have), both
 rasterised with pycocotools; an annotation without a segmentation is drawn as its ``bbox``.
 
-Everything is validated before anything is written. Each problem is one line
-``error: <file>: <problem>`` and the command exits with status 1, writing nothing:
+Identity: a label belongs to an image FILE, not to an image id. Every image id whose
+``file_name`` names one file (the same device and inode: ``a.jpg``, ``./a.jpg``, a symlink or a
+hard link to it) adds its annotations to that file's one label, with a warning; the label is
+named after the smallest of those file names.
+
+Validation, by COCO's own rules, comes before anything is written. Each problem is one line
+``error: <file>: <problem>``, naming the json and the image file name or annotation id. All
+problems of all splits are listed (a problem with one image or annotation does not stop the
+checking of the others), then the command exits with status 1 and writes nothing: a datalist
+with an image or a box left out looks complete to training, so no problem only drops its image.
+A split whose json cannot be read (or lacks its lists) is not checked further. The problems:
 
 - a root without any of the split folders (a root with only some of them gives a note each and
   empty lists for the others);
 - a json missing, unreadable, malformed, nested too deeply, or without ``images``,
   ``annotations`` and ``categories`` lists;
-- an image entry without an integer ``id`` (or with one listed twice) and a ``file_name``; a
-  ``file_name`` holding a control character (NUL, newline...) or escaping its split folder; an
-  image listed but absent, not fully decodable, or of another size than the json's ``width`` x
-  ``height``, the size as displayed: for EXIF orientations 5-8 width and height swap;
-- one ``file_name`` under two image ids with different width or height (with the same width and
-  height the two entries are merged: the label holds the annotations of both, and a warning
-  says so);
-- an annotation without an integer ``id`` (or with one listed twice), with an unknown
-  ``image_id`` or ``category_id``, a ``bbox`` that is not 4 finite numbers, a polygon that is not
-  at least 3 finite x,y pairs, an RLE whose ``size`` is not the image's ``[height, width]`` or
-  whose counts are not runs covering exactly its pixels, or a segmentation of any other form.
-  NaN, Infinity and integers beyond the float range are no finite numbers.
+- a category without an integer ``id``, or an id listed twice;
+- an image entry without an integer ``id`` and a ``file_name``; an image id listed twice (its
+  annotations could belong to either file: they are not drawn, and while either problem stands,
+  no ``image_id`` is reported unknown: it may be that image's own); a ``file_name``
+  holding a control character (NUL, newline...) or escaping its split folder; an image listed but
+  absent, not fully decodable, larger than 65535 pixels a side, or whose ``width`` and ``height``
+  are not the integers of its size as displayed (for EXIF orientations 5-8 width and height
+  swap);
+- one file under several image ids with different width or height (one line for the file);
+- an annotation without an integer ``id``, or an id listed twice; each of its other problems is
+  a line of its own: an unknown ``image_id``; an unknown ``category_id``; a ``bbox`` that is not 4
+  finite numbers; a segmentation that is not polygons of at least 3 finite x,y pairs, nor an RLE
+  whose ``size`` is the image's ``[height, width]`` and whose counts are runs covering exactly its
+  pixels; neither a segmentation nor a bbox.
+  NaN, Infinity and integers beyond the float range are no finite numbers; a coordinate beyond
+  1000000 pixels in magnitude, or an integer of more than 20 digits anywhere (parsed as such,
+  never as a number), is refused too.
 
-Handled with a ``warning:`` line naming the json, the annotation id and the image, going on:
+Handled with a ``warning:`` line naming the json, the annotation id and the image, going on (the
+annotation covers no pixel of the image, or the part outside it: nothing of the data is lost):
 
 - polygon coordinates outside the image are clipped;
-- an annotation whose ``bbox`` has a zero or negative width or height, or whose segmentation
-  covers no area (polygons of zero area, an RLE without a foreground pixel), is skipped;
+- an annotation whose ``bbox`` has a zero or negative width or height (COCO wants both > 0), or
+  whose segmentation covers no area (polygons of zero area, an RLE without a foreground pixel),
+  is skipped;
 - an image with an EXIF orientation other than 1: its mask follows the image as displayed, which
   readers that ignore EXIF (MONAI's ``PILReader``) do not see.
+
+Writing is all or nothing: the output is written into a temporary folder beside it
+(``.<name>.converting-*``) and renamed into place at the end, so that the output folder is at
+any moment absent, as it was, or complete, also when the run is killed or the disk fills up; a
+temporary folder left by a killed run is removed by the next run. An output folder that exists
+is replaced only when it is empty or an earlier output of this converter (its ``datalist.json``
+and the labels listed there, nothing else); any other is refused, so that no output overwrites
+what the command did not create. A failed write is one line in plain words, ``<path>: cannot
+write: the disk is full; nothing was written to <output>``.
 
 Every path and name in a message goes through :func:`show`, which escapes control characters, so
 that a file name cannot break a message over lines or forge one. Re-running on the same input
@@ -59,6 +84,8 @@ gives byte-identical output; the input is never written.
 from __future__ import annotations
 
 import argparse
+import errno
+import glob
 import hashlib
 import io
 import json
@@ -66,20 +93,34 @@ import math
 import os
 import posixpath
 import reprlib
+import shutil
 import sys
+import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from tumorseg.files import show, write_atomic
+from tumorseg.files import show
 
 DATALIST_NAME = "datalist.json"
 ANNOTATION_NAME = "_annotations.coco.json"
+DATASET_NAME = "Brain Tumor Image DataSet: Semantic Segmentation (Kaggle, pkdarabi; Roboflow export)"
 DEFAULT_SPLITS = {"training": "train", "validation": "valid", "test": "test"}
 EXIF_ORIENTATION = 0x0112  # 274
 MIN_POLYGON_AREA = 1e-6  # square pixels; below it a polygon counts as of zero area (rounding)
+MAX_SIDE = 65535  # pixels: the largest width or height of an image (JPEG's limit)
+MAX_COORD = 1_000_000  # pixels: a coordinate beyond it in magnitude is no position in any image
+MAX_DIGITS = 20  # an integer literal longer than this is no sane COCO number
 _BAD_NAME_CHARS = {"Cc", "Cs", "Zl", "Zp"}  # controls (NUL, newline...), lone surrogates, line/paragraph separators
+_WRITE_FAILURES = {  # errno -> the reason in plain words
+    errno.ENOSPC: "the disk is full",
+    errno.EFBIG: "the disk is full (a file size limit, ulimit -f, is reached)",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
 
 
 _short = reprlib.Repr()
@@ -92,10 +133,22 @@ def _brief(value) -> str:
 
 
 class ConversionError(Exception):
-    """A problem with the input, reported as ``<file>: <problem>``."""
+    """Problems with the input or the output, each reported as one line ``<file>: <problem>``."""
 
-    def __init__(self, path: Path | str, problem: str):
-        super().__init__(f"{show(path)}: {problem}")
+    def __init__(self, path: Path | str | None = None, problem: str = "", lines: list[str] | None = None):
+        self.lines = lines or [f"{show(path)}: {problem}"]
+        super().__init__("\n".join(self.lines))
+
+
+@dataclass(frozen=True)
+class LongInteger:
+    """An integer literal of more than MAX_DIGITS digits in a json, kept as its length: no sane
+    COCO number, and too long to print (Python refuses to print integers of over 4300 digits)."""
+
+    digits: int
+
+    def __repr__(self) -> str:
+        return f"<integer of {self.digits} digits>"
 
 
 @dataclass
@@ -115,6 +168,8 @@ class SplitPlan:
     folder: str  # split folder name under the input root
     images: list[ImageEntry] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # one line each; any refuses the conversion
+    sha256: str | None = None  # of the json
 
 
 def _is_int(x) -> bool:
@@ -131,6 +186,10 @@ def _is_number(x) -> bool:
         return False
 
 
+def _times(n: int) -> str:
+    return "twice" if n == 2 else f"{n} times"
+
+
 def _reason(e: Exception) -> str:
     return getattr(e, "strerror", None) or e.__class__.__name__
 
@@ -142,11 +201,17 @@ def _is_file(path: Path) -> bool:
         raise ConversionError(path, f"cannot be accessed ({_reason(e)})") from None
 
 
-def _load_json(path: Path) -> dict:
+def _parse_int(text: str):
+    return int(text) if len(text.lstrip("-")) <= MAX_DIGITS else LongInteger(len(text.lstrip("-")))
+
+
+def _load_json(path: Path) -> tuple[dict, str]:
+    """The COCO json of a split, and the SHA-256 of its bytes."""
     if not _is_file(path):
         raise ConversionError(path, "annotation file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"), parse_int=_parse_int)
     except UnicodeDecodeError:
         raise ConversionError(path, "not UTF-8 text") from None
     except OSError as e:
@@ -160,7 +225,7 @@ def _load_json(path: Path) -> dict:
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise ConversionError(path, f"missing or invalid '{key}' list")
-    return data
+    return data, hashlib.sha256(raw).hexdigest()
 
 
 def _image_size(path: Path) -> tuple[int, int, int]:
@@ -198,17 +263,15 @@ def _split_name(name: str, split_dir: Path, json_path: Path) -> str:
     return posixpath.normpath(name)
 
 
-def _read_image(split_dir: Path, name: str, img: dict, warnings: list[str]) -> ImageEntry:
-    """The image entry for a file listed first, its size checked against the json."""
-    file = split_dir / name
-    if not _is_file(file):
-        raise ConversionError(file, "listed in the annotations but not found")
+def _read_image(file: Path, name: str, img: dict, warnings: list[str]) -> ImageEntry:
+    """The entry of an image file, its size checked against the json's ``width`` and ``height``."""
     width, height, orientation = _image_size(file)
     turned = f" as displayed (EXIF orientation {orientation})" if orientation != 1 else ""
-    if (img.get("width"), img.get("height")) != (width, height):
-        raise ConversionError(
-            file, f"is {width}x{height}{turned} but the json says {_brief(img.get('width'))}x{_brief(img.get('height'))}"
-        )
+    w, h = img.get("width"), img.get("height")
+    if not (_is_int(w) and _is_int(h) and (w, h) == (width, height)):
+        raise ConversionError(file, f"is {width}x{height}{turned} but the json says {_brief(w)}x{_brief(h)}")
+    if max(width, height) > MAX_SIDE:
+        raise ConversionError(file, f"is {width}x{height}: larger than {MAX_SIDE} pixels a side")
     if orientation != 1:
         warnings.append(
             f"{show(file)}: EXIF orientation {orientation}: the mask follows the image as displayed, "
@@ -308,16 +371,26 @@ def _polygon_area(poly: list[float]) -> float:
     return abs(sum(xs[i - 1] * ys[i] - xs[i] * ys[i - 1] for i in range(len(xs)))) / 2
 
 
-def _shape(ann: dict, entry: ImageEntry, json_path: Path) -> tuple[dict, str | None]:
-    """What to draw for an annotation (``{"polygons": ...}`` or ``{"rle": ...}``) and, when it
-    covers nothing, why."""
-    aid = ann["id"]
-    bbox = ann.get("bbox")
-    if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-        raise ConversionError(json_path, f"annotation id {aid}: bbox is not 4 finite numbers")
+def _bbox_problem(bbox) -> str | None:
+    """What is wrong with a ``bbox`` by COCO's rules ([x, y, width, height]), None if nothing
+    (a zero or negative width or height is no error: the annotation is skipped)."""
+    if bbox is None:
+        return None
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        return "bbox is not 4 finite numbers"
+    if max(abs(v) for v in bbox) > MAX_COORD:
+        return f"bbox has a coordinate beyond {MAX_COORD} pixels in magnitude"
+    return None
+
+
+def _shape(aid: int, bbox, seg, entry: ImageEntry | None, json_path: Path) -> tuple[dict, str | None]:
+    """What to draw for an annotation of a valid (or no) ``bbox`` (``{"polygons": ...}`` or
+    ``{"rle": ...}``) and, when it covers nothing, why. Without an entry (its image is refused)
+    an RLE is not checked against the image."""
     empty = "its bbox has a zero or negative width or height" if bbox is not None and min(bbox[2:]) <= 0 else None
-    seg = ann.get("segmentation")
     if isinstance(seg, dict):
+        if entry is None:
+            return {}, None
         rle, no_pixel = _rle(seg, entry, json_path, aid)
         return {"rle": rle}, empty or ("its RLE mask has no foreground pixel" if no_pixel else None)
     if isinstance(seg, list) and seg:
@@ -332,74 +405,107 @@ def _shape(ann: dict, entry: ImageEntry, json_path: Path) -> tuple[dict, str | N
     for poly in polys:
         if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0 and all(_is_number(v) for v in poly)):
             raise ConversionError(json_path, f"annotation id {aid}: a polygon must be a list of at least 3 finite x,y pairs")
-    if not empty and sum(_polygon_area(p) for p in polys) < MIN_POLYGON_AREA:  # NaN (inf - inf) is drawn
+        if max(abs(v) for v in poly) > MAX_COORD:
+            raise ConversionError(json_path, f"annotation id {aid}: a polygon has a coordinate beyond {MAX_COORD} pixels")
+    if not empty and sum(_polygon_area(p) for p in polys) < MIN_POLYGON_AREA:
         empty = "its polygons have zero area"
     return {"polygons": polys}, empty
 
 
-def _read_images(data: dict, split_dir: Path, json_path: Path, plan: SplitPlan) -> dict[int, ImageEntry]:
-    """Image id -> entry; a file_name listed under several ids of one size shares one entry."""
-    by_id: dict[int, ImageEntry] = {}
-    by_name: dict[str, ImageEntry] = {}
-    for img in data["images"]:
+def _repeated_ids(entries: list, what: str, problem) -> set[int]:
+    """The integer ids listed more than once in ``entries``, each one problem line."""
+    counts = Counter(e["id"] for e in entries if isinstance(e, dict) and _is_int(e.get("id")))
+    for i, n in counts.items():
+        if n > 1:
+            problem(f"{what} id {i} is listed {_times(n)}")
+    return {i for i, n in counts.items() if n > 1}
+
+
+def _read_images(data: dict, split_dir: Path, json_path: Path, plan: SplitPlan, problem) -> dict[int | None, ImageEntry | None]:
+    """Image id -> the entry of its FILE, or None where the id or its file is refused. The ids
+    naming one file (same device and inode, under any file_name) share its one entry. Where an
+    entry has no integer id, or an id is listed twice (one image's own id lost), None maps to
+    None: an unknown image_id may be that image's."""
+    repeated = _repeated_ids(data["images"], "image", problem)
+    by_id: dict[int | None, ImageEntry | None] = {None: None} if repeated else {}
+    by_file: dict[tuple[int, int], list[tuple[int, str, dict]]] = {}  # (device, inode) -> (id, name, entry)
+    for i, img in enumerate(data["images"]):
         if not isinstance(img, dict):
-            raise ConversionError(json_path, "an 'images' entry is not an object")
+            problem(f"images[{i}] is not an object")
+            by_id[None] = None
+            continue
         iid, name = img.get("id"), img.get("file_name")
         if not _is_int(iid) or not isinstance(name, str) or not name:
-            raise ConversionError(json_path, f"image entry {_brief(img)}: needs an integer 'id' and a 'file_name'")
-        if iid in by_id:
-            raise ConversionError(json_path, f"image id {iid} is listed twice")
-        name = _split_name(name, split_dir, json_path)
-        entry = by_name.get(name)
-        if entry is None:
-            entry = by_name[name] = _read_image(split_dir, name, img, plan.warnings)
-        elif (img.get("width"), img.get("height")) != (entry.width, entry.height):
-            raise ConversionError(
-                json_path,
-                f"'{show(name)}' is listed under image ids {entry.ids[0]} and {iid} with different sizes "
-                f"({entry.width}x{entry.height} and {_brief(img.get('width'))}x{_brief(img.get('height'))})",
+            problem(f"image entry {_brief(img)}: needs an integer 'id' and a 'file_name'")
+            by_id[None] = None
+            continue
+        by_id[iid] = None
+        try:
+            name = _split_name(name, split_dir, json_path)
+            if not _is_file(split_dir / name):
+                raise ConversionError(split_dir / name, "listed in the annotations but not found")
+            st = (split_dir / name).stat()
+        except ConversionError as e:
+            plan.errors += e.lines
+            continue
+        by_file.setdefault((st.st_dev, st.st_ino), []).append((iid, name, img))
+    for listed in by_file.values():
+        ids = list(dict.fromkeys(iid for iid, _, _ in listed))
+        names = sorted({name for _, name, _ in listed})
+        sizes = list(dict.fromkeys(f"{_brief(img.get('width'))}x{_brief(img.get('height'))}" for _, _, img in listed))
+        if len(sizes) > 1:
+            problem(
+                f"'{show(names[0])}' is listed under image ids {', '.join(map(str, ids))} with different sizes "
+                f"({', '.join(sizes[:-1])} and {sizes[-1]})"
             )
-        entry.ids.append(iid)
-        by_id[iid] = entry
-    for entry in by_name.values():
-        if len(entry.ids) > 1:
+            continue
+        try:
+            entry = _read_image(split_dir / names[0], names[0], listed[0][2], plan.warnings)
+        except ConversionError as e:
+            plan.errors += e.lines
+            continue
+        entry.ids = ids
+        by_id.update({iid: entry for iid in ids if iid not in repeated})
+        if len(ids) > 1:
+            also = f" (also as {', '.join(repr(show(n)) for n in names[1:])})" if len(names) > 1 else ""
             plan.warnings.append(
-                f"{show(json_path)}: '{show(entry.name)}' is listed under image ids "
-                f"{', '.join(map(str, entry.ids))}; their annotations are merged into its one label"
+                f"{show(json_path)}: '{show(names[0])}'{also} is listed under image ids "
+                f"{', '.join(map(str, ids))}; their annotations are merged into its one label"
             )
     return by_id
 
 
-def plan_split(root: Path, folder: str, key: str) -> SplitPlan:
-    """Read and validate one split; raises ConversionError on the first problem."""
-    split_dir = root / folder
-    json_path = split_dir / ANNOTATION_NAME
-    data = _load_json(json_path)
-    plan = SplitPlan(key=key, folder=folder)
-
-    categories = set()
-    for cat in data["categories"]:
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-            raise ConversionError(json_path, "a category without an integer 'id'")
-        categories.add(cat["id"])
-
-    by_id = _read_images(data, split_dir, json_path, plan)
-    seen_ann: set[int] = set()
-    for ann in data["annotations"]:
+def _read_annotations(data: dict, by_id: dict, categories: set, json_path: Path, plan: SplitPlan, problem) -> None:
+    """Each annotation checked and, when its image is kept, added to its image's entry. Where an
+    image or category has no integer id (None), unknown ids are not reported: they may be its."""
+    _repeated_ids(data["annotations"], "annotation", problem)
+    for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
-            raise ConversionError(json_path, "an 'annotations' entry is not an object")
+            problem(f"annotations[{i}] is not an object")
+            continue
         aid, iid, cat = ann.get("id"), ann.get("image_id"), ann.get("category_id")
         if not _is_int(aid):
-            raise ConversionError(json_path, f"annotation {_brief(ann)}: needs an integer 'id'")
-        if aid in seen_ann:
-            raise ConversionError(json_path, f"annotation id {aid} is listed twice")
-        seen_ann.add(aid)
-        if not _is_int(iid) or iid not in by_id:
-            raise ConversionError(json_path, f"annotation id {aid} refers to unknown image_id {_brief(iid)}")
-        if not _is_int(cat) or cat not in categories:
-            raise ConversionError(json_path, f"annotation id {aid} has unknown category_id {_brief(cat)}")
-        entry = by_id[iid]
-        shape, empty = _shape(ann, entry, json_path)
+            problem(f"annotation {_brief(ann)}: needs an integer 'id'")
+            continue
+        found = len(plan.errors)
+        if not (_is_int(iid) and iid in by_id) and None not in by_id:
+            problem(f"annotation id {aid} refers to unknown image_id {_brief(iid)}")
+        if not (_is_int(cat) and cat in categories) and None not in categories:
+            problem(f"annotation id {aid} has unknown category_id {_brief(cat)}")
+        bbox, seg = ann.get("bbox"), ann.get("segmentation")
+        bad_box = _bbox_problem(bbox)
+        if bad_box:
+            problem(f"annotation id {aid}: {bad_box}")
+            if seg is None or seg == []:
+                continue  # nothing else to check
+        entry = by_id.get(iid) if _is_int(iid) else None
+        try:
+            shape, empty = _shape(aid, None if bad_box else bbox, seg, entry, json_path)
+        except ConversionError as e:
+            plan.errors += e.lines
+            continue
+        if entry is None or len(plan.errors) > found:
+            continue
         where = f"{show(json_path)}: annotation id {aid} on '{show(entry.name)}'"
         if empty:
             plan.warnings.append(f"{where}: {empty}; skipped")
@@ -411,8 +517,36 @@ def plan_split(root: Path, folder: str, key: str) -> SplitPlan:
                 plan.warnings.append(f"{where} reaches outside the {entry.width}x{entry.height} image; clipped")
         entry.annotations.append({"category_id": cat, **shape})
 
-    plan.images = sorted({id(e): e for e in by_id.values()}.values(), key=lambda e: e.name)
-    labels = label_paths([e.name for e in plan.images], split_dir)
+
+def plan_split(root: Path, folder: str, key: str) -> SplitPlan:
+    """Read and validate one split; its problems are in ``errors``, one line each."""
+    split_dir = root / folder
+    json_path = split_dir / ANNOTATION_NAME
+    plan = SplitPlan(key=key, folder=folder)
+    try:
+        data, plan.sha256 = _load_json(json_path)
+    except ConversionError as e:
+        plan.errors += e.lines
+        return plan
+
+    def problem(text: str) -> None:
+        plan.errors.append(f"{show(json_path)}: {text}")
+
+    for cat in data["categories"]:
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            problem(f"category {_brief(cat)}: needs an integer 'id'")
+    _repeated_ids(data["categories"], "category", problem)
+    categories = {c.get("id") if isinstance(c, dict) and _is_int(c.get("id")) else None for c in data["categories"]}
+    by_id = _read_images(data, split_dir, json_path, plan, problem)
+    _read_annotations(data, by_id, categories, json_path, plan, problem)
+    if plan.errors:
+        return plan
+    plan.images = sorted({id(e): e for e in by_id.values() if e is not None}.values(), key=lambda e: e.name)
+    try:
+        labels = label_paths([e.name for e in plan.images], split_dir)
+    except ConversionError as e:
+        plan.errors += e.lines
+        return plan
     for entry in plan.images:
         entry.label = labels[entry.name]
     return plan
@@ -458,6 +592,105 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def _earlier_output(out: Path) -> bool:
+    """Whether ``out`` exists, to be replaced; raises unless it is an empty folder or an earlier
+    output of this converter: its datalist.json and the labels listed there, nothing else."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise ConversionError(out, "exists and is not a folder")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return True
+    try:
+        datalist = json.loads((out / DATALIST_NAME).read_text(encoding="utf-8"))
+        listed = {row["label"] for rows in datalist.values() if isinstance(rows, list) for row in rows}
+        files = {p.relative_to(out).as_posix() for p in (out / "labels").rglob("*") if not p.is_dir()}
+        ours = datalist.get("name") == DATASET_NAME and isinstance(datalist.get("source"), dict) and files == listed
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        ours = False
+    if not ours or entries - {DATALIST_NAME, "labels"}:
+        raise ConversionError(
+            out, "exists and is not an earlier output of this converter (datalist.json and its labels/ only); give a new folder"
+        )
+    return True
+
+
+def _remove_if_abandoned(folder: Path) -> None:
+    """Remove a temporary folder of a conversion that no running process holds (a killed one)."""
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        shutil.rmtree(folder, ignore_errors=True)
+    except OSError:
+        pass  # held: a conversion into the same folder is running
+    finally:
+        os.close(fd)
+
+
+def _publish(out: Path, out_real: Path, write) -> None:
+    """Run ``write(folder)`` into a new folder beside ``out_real`` and rename that into place: the
+    output folder is absent, as it was, or complete, never partial, also when the run is killed.
+
+    Raises:
+        ConversionError: a write failed (disk full, read-only, permission denied), in plain words
+            and saying what was kept; the temporary folder is removed.
+    """
+    import fcntl
+
+    existed = out_real.exists()
+    parent, prefix = out_real.parent, f".{out_real.name[:50]}.converting-"
+    work = None
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(glob.escape(prefix) + "*"):
+            _remove_if_abandoned(stale)
+        work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        lock = os.open(work, os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held until the end: this folder is not abandoned
+            (work / "new").mkdir()
+            write(work / "new")
+            if existed:
+                os.rename(out_real, work / "old")
+            try:
+                os.rename(work / "new", out_real)
+            except OSError:
+                if existed:
+                    os.rename(work / "old", out_real)
+                raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            os.close(lock)
+    except OSError as e:
+        path = Path(os.fsdecode(e.filename)) if e.filename is not None else out
+        if work is not None and _inside(path, work / "new"):
+            path = out / path.relative_to(work / "new")  # where the file was going
+        elif path.name.startswith(prefix) or (work is not None and _inside(path, work)):
+            path = out.parent  # the temporary folder beside the output could not be made or moved
+        elif path == out_real:
+            path = out
+        kept = f"{show(out)} is as it was" if existed and out_real.exists() else f"nothing was written to {show(out)}"
+        raise ConversionError(path, f"cannot write: {_write_failure(e)}; {kept}") from None
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as e:  # a failed write() names no file: name it
+        e.filename = e.filename or str(path)
+        raise
+
+
+def _write_failure(e: OSError) -> str:
+    return _WRITE_FAILURES.get(e.errno, (e.strerror or e.__class__.__name__).lower())
+
+
 def convert(
     root: Path | str,
     out: Path | str,
@@ -470,7 +703,8 @@ def convert(
 
     Args:
         root: the Kaggle download root, holding one folder per split.
-        out: the output folder; must not lie inside ``root`` (nor contain it).
+        out: the output folder; must not lie inside ``root`` (nor contain it); when it exists, it
+            must be empty or an earlier output of this converter, which is then replaced.
         splits: datalist key -> split folder name; default training=train, validation=valid,
             test=test. A split whose folder is absent gives an empty list (reported); none of
             them present is an error.
@@ -479,7 +713,7 @@ def convert(
         log: where notes and warnings go (one line each).
 
     Raises:
-        ConversionError: on the first problem found; nothing has been written then.
+        ConversionError: with one line per problem (``lines``); nothing has been written then.
     """
     from tqdm import tqdm
 
@@ -490,8 +724,7 @@ def convert(
     root_real, out_real = root.resolve(), out.resolve()
     if _inside(out_real, root_real) or _inside(root_real, out_real):
         raise ConversionError(out, f"output folder must be separate from the input folder {show(root)}")
-    if out.exists() and not out.is_dir():
-        raise ConversionError(out, "exists and is not a folder")
+    _earlier_output(out)
     if not any((root / folder).is_dir() for folder in splits.values()):
         folders = ", ".join(show(f) for f in splits.values())
         raise ConversionError(root, f"none of the split folders ({folders}) is there; is this the download root?")
@@ -503,42 +736,40 @@ def convert(
             plans.append(SplitPlan(key=key, folder=folder))
             continue
         plans.append(plan_split(root, folder, key))
+    problems = [line for plan in plans for line in plan.errors]
+    if problems:
+        raise ConversionError(lines=problems)
 
     datalist: dict = {
-        "name": "Brain Tumor Image DataSet: Semantic Segmentation (Kaggle, pkdarabi; Roboflow export)",
+        "name": DATASET_NAME,
         "license": "CC BY 4.0",
         "labels": {"0": "background", "1": "tumour"}
         if not keep_categories
         else {"0": "background", "1": "tumour (COCO category 1)", "2": "tumour (COCO category 2)"},
         "source": {},
     }
-    total = sum(len(p.images) for p in plans)
-    bar = tqdm(
-        total=total, unit="img", desc="converting", disable=(not sys.stderr.isatty()) if progress is None else not progress
-    )
-    with bar:
-        for plan in plans:
-            for w in plan.warnings:
-                log(f"warning: {w}")
-            rows = []
-            for entry in plan.images:
-                label = out / "labels" / plan.folder / entry.label
-                write_atomic(label, _png_bytes(rasterise(entry, keep_categories)))
-                rows.append(
-                    {
-                        "image": os.path.relpath(entry.file.resolve(), out_real),
-                        "label": label.relative_to(out).as_posix(),
-                    }
-                )
-                bar.update(1)
-            datalist[plan.key] = rows
-            json_path = root / plan.folder / ANNOTATION_NAME
-            datalist["source"][plan.key] = {
-                "folder": plan.folder,
-                "annotations_sha256": hashlib.sha256(json_path.read_bytes()).hexdigest() if json_path.is_file() else None,
-                "images": len(rows),
-            }
-    write_atomic(out / DATALIST_NAME, (json.dumps(datalist, indent=1) + "\n").encode())
+    for plan in plans:
+        for w in plan.warnings:
+            log(f"warning: {w}")
+        datalist[plan.key] = [
+            {"image": os.path.relpath(e.file.resolve(), out_real), "label": f"labels/{plan.folder}/{e.label}"}
+            for e in plan.images
+        ]
+        datalist["source"][plan.key] = {"folder": plan.folder, "annotations_sha256": plan.sha256, "images": len(plan.images)}
+
+    def write(folder: Path) -> None:
+        total = sum(len(p.images) for p in plans)
+        hidden = (not sys.stderr.isatty()) if progress is None else not progress
+        with tqdm(total=total, unit="img", desc="converting", disable=hidden) as bar:
+            for plan in plans:
+                for entry in plan.images:
+                    label = folder / "labels" / plan.folder / entry.label
+                    label.parent.mkdir(parents=True, exist_ok=True)
+                    _write_file(label, _png_bytes(rasterise(entry, keep_categories)))
+                    bar.update(1)
+        _write_file(folder / DATALIST_NAME, (json.dumps(datalist, indent=1) + "\n").encode())
+
+    _publish(out, out_real, write)
     return datalist
 
 
@@ -583,10 +814,11 @@ def main(argv: list[str] | None = None) -> int:
             log=lambda line: print(line, file=sys.stderr),
         )
     except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
         return 1
-    except OSError as e:  # the output could not be written (disk full, permission denied)
-        print(f"error: {show(e.filename or args.output)}: cannot be written ({_reason(e)})", file=sys.stderr)
+    except OSError as e:  # reading the input or the output folder failed (permission denied...)
+        print(f"error: {show(e.filename or args.output)}: {_write_failure(e)}", file=sys.stderr)
         return 1
     counts = ", ".join(f"{k} {len(datalist[k])}" for k in splits)
     print(f"wrote {show(args.output / DATALIST_NAME)} ({counts})")
