@@ -169,15 +169,19 @@ def test_bad_cases_are_one_line_each_and_the_rest_is_predicted(trained, tmp_path
         assert not any(p.startswith("anon") for p in outputs(tmp_path / "out"))
 
 
-def test_a_folder_of_several_series_predicts_the_largest_and_says_so(trained, tmp_path):
+def test_a_folder_of_several_series_predicts_each_and_says_so(trained, tmp_path):
     folder = dicom_series(tmp_path / "study")
     localiser = pydicom.dcmread(pydicom.data.get_testdata_file("MR_small.dcm"))
     localiser.save_as(folder / "zz_localiser.dcm")
+    (folder / "README").write_text("a sidecar: left out")
     result = predict(trained, folder, "-o", tmp_path / "out")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert any(line.startswith("note:") and "2 series" in line for line in result.stderr.splitlines())
-    summary = json.loads((tmp_path / "out" / "study.json").read_text())
-    assert summary["shape"] == list(nib.load(ANATOMICAL).shape) and "left out" in summary["note"]
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert any("2 DICOM series" in line and "study_series1" in line and "study_series2" in line for line in notes)
+    assert any("README" in line and "left out" in line for line in notes)
+    volume, localised = (json.loads((tmp_path / "out" / f"study_series{k}.json").read_text()) for k in (1, 2))
+    assert volume["shape"] == list(nib.load(ANATOMICAL).shape) and localised["shape"] == [64, 64, 1]
+    assert localised["series_instance_uid"] == localiser.SeriesInstanceUID != volume["series_instance_uid"]
 
 
 def test_checkpoints_of_training_dicts_load_and_other_networks_are_refused(trained, tmp_path):
@@ -198,8 +202,8 @@ def test_write_failures_and_bad_settings_are_one_line(trained, tmp_path):
     (tmp_path / "file").write_text("x")
     as_file = predict(trained, GOOD_JPG, "-o", tmp_path / "file")
     assert as_file.returncode == 2 and len(errors(as_file)) == 1
-    under_file = predict(trained, GOOD_JPG, "-o", tmp_path / "file" / "out")
-    assert under_file.returncode == 1 and len(errors(under_file)) == 1 and "cannot write" in errors(under_file)[0]
+    under_file = predict(trained, GOOD_JPG, "-o", tmp_path / "file" / "out")  # nothing can be written: nothing runs
+    assert under_file.returncode == 2 and len(errors(under_file)) == 1 and "cannot write: a part of" in errors(under_file)[0]
     bad_setting = run_cli("-m", "tumorseg.predict", str(GOOD_JPG), "-o", str(tmp_path / "o"), "--set", "image_size=abc")
     assert bad_setting.returncode == 2 and len(errors(bad_setting)) == 1
 

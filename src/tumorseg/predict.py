@@ -1,7 +1,18 @@
 """``tumorseg-predict``: the bundle's model on new scans, one case at a time.
 
 Inputs: PNG/JPG slices of any size, NIfTI volumes (2D or 3D, ``.nii``/``.nii.gz``), a DICOM
-file, or a folder holding one DICOM series; a folder of such files is expanded.
+file, or a folder of DICOM files: each series in it (``SeriesInstanceUID``) is a case of its own
+(``study_series3`` for ``SeriesNumber`` 3, where a folder holds several; a note lists them), and
+other files beside them (a README) are left out with a note. Any other folder is expanded into
+the files directly in it. A file named twice (or also through a link or its folder) is predicted
+once, with a note. A colour (RGB) or multi-frame DICOM file is refused in one line: grey made of
+a colour image is not what the scanner measured. A series of several slices needs
+``ImagePositionPatient``, ``ImageOrientationPatient`` and ``PixelSpacing`` in every file (else one
+line naming the file and the tag); a lone slice without them is read with 1 mm axial pixels.
+
+Before anything runs, the output names of all cases are planned together (unique across every
+kind of input: ``scan.nii.gz`` beside the DICOM folder ``scan/`` gives ``scan_nii_gz`` and
+``scan``) and printed, one ``plan:`` line per case.
 
 Volumes are first put in the canonical slice orientation (MONAI's ``Orientation`` to ``LPS``,
 ``tumorseg.reading``): whatever the order in which a file stores its voxels, the network sees
@@ -16,7 +27,11 @@ zoomed back (nearest neighbour). Slices with almost no foreground are not run at
 
 Outputs per case, in the input's geometry, written atomically: the mask (PNG for PNG/JPG, NIfTI
 with the input's affine for NIfTI and DICOM), for DICOM also a DICOM SEG referencing the source
-series, an overlay PNG (volumes: axial slices with orientation letters), and a JSON summary.
+series, an overlay PNG (volumes: axial slices with orientation letters), and a JSON summary. A
+case's outputs are written all or none (``tumorseg.writing.OutputFolder``); a write that fails
+(the disk is full, the folder is read-only, permission denied) is one line saying so and what was
+kept, and the batch goes on. An output folder that cannot be written at all stops the run before
+any case (exit status 2); any case that failed gives exit status 1 at the end.
 """
 
 from __future__ import annotations
@@ -24,36 +39,119 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Set
+from dataclasses import dataclass
 from pathlib import Path
 
 from .bundle import BUNDLE
 from .files import show
-from .reading import NIFTI_SUFFIXES, SLICE_AXCODES, SLICE_SUFFIXES, InputError, is_dicom, read_case
+from .reading import (
+    NIFTI_SUFFIXES,
+    SLICE_AXCODES,
+    SLICE_SUFFIXES,
+    InputError,
+    Series,
+    dicom_series,
+    is_dicom,
+    is_dicom_file,
+    read_case,
+)
 
 
-def find_cases(inputs: list[Path]) -> tuple[list[Path], list[str]]:
-    """Cases in the order given (each once, however often it is named), and one error line per
-    input that yields none: a file is a case; a folder of DICOM files is one series; any other
-    folder contributes the PNG/JPG/NIfTI/DICOM files directly inside it (not its subfolders)."""
-    cases, errors = [], []
+@dataclass(frozen=True)
+class Input:
+    """One case of a run: a file or a folder ``path``; for a DICOM folder, the ``series``
+    (``SeriesInstanceUID``) and its ``files``. Where a folder holds several series, ``label``
+    (``series3`` for ``SeriesNumber`` 3) tells them apart in names and messages. ``str()`` names the
+    case in messages and keys its output stem."""
+
+    path: Path
+    series: str | None = None
+    files: tuple[Path, ...] = ()
+    label: str | None = None
+    description: str = ""
+
+    def __str__(self) -> str:
+        return str(self.path) if self.label is None else f"{self.path} ({self.label})"
+
+
+def _as_input(case) -> Input:
+    return case if isinstance(case, Input) else Input(Path(case))
+
+
+def _series_labels(series: list[Series]) -> list[str | None]:
+    """``series<SeriesNumber>`` where the folder's series have distinct numbers, else ``series1``,
+    ``series2``... in the order of their first file; None for a folder's only series."""
+    if len(series) == 1:
+        return [None]
+    numbers = [s.number for s in series]
+    if None in numbers or len(set(numbers)) < len(numbers):
+        numbers = list(range(1, len(series) + 1))
+    return [f"series{n}" for n in numbers]
+
+
+def folder_cases(folder: Path) -> tuple[list[Input], list[str], list[str]]:
+    """The cases of one folder, error lines and notes (:func:`find_cases`)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    images = {p for p in files if p.name.lower().endswith(SLICE_SUFFIXES + NIFTI_SUFFIXES)}
+    # a hidden file is a DICOM file only if it says so (a write interrupted leaves ``.x.dcm.*.tmp``);
+    # a DICOMDIR is an index of the files, not an image
+    dicoms = {
+        p
+        for p in files
+        if p not in images
+        and p.name.upper() != "DICOMDIR"
+        and (p.name.lower().endswith(".dcm") or (not p.name.startswith(".") and is_dicom(p)))
+    }
+    others = [p.name for p in files if p not in images | dicoms and not p.name.startswith(".")]
+    notes = []
+    if others:
+        listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        notes.append(f"{folder}: {len(others)} file(s) neither PNG/JPG, NIfTI nor DICOM left out ({listed})")
+    if not images and not dicoms:
+        return [], [f"{folder}: a folder with no PNG/JPG/NIfTI/DICOM files in it"], []
+    if images:  # a folder of files: each file its own case
+        return [Input(p) for p in files if p in images | dicoms], [], notes
+    try:  # a DICOM study: one case per series
+        series = dicom_series(sorted(dicoms))
+    except InputError as e:
+        return [], [str(e)], notes
+    labels = _series_labels(series)
+    return [Input(folder, s.uid, tuple(s.files), label, s.description) for s, label in zip(series, labels)], [], notes
+
+
+def find_cases(inputs: list[Path]) -> tuple[list[Input], list[str], list[str]]:
+    """Cases in the order given, one error line per input that yields none, and notes.
+
+    A file is a case. A folder holding DICOM files and no PNG/JPG/NIfTI is a DICOM study: one case
+    per series (``SeriesInstanceUID``), other files beside them (a README) left out with a note.
+    Any other folder contributes the PNG/JPG/NIfTI/DICOM files directly inside it (not its
+    subfolders). A case named more than once (twice, through a link, or as a file and inside its
+    folder) is predicted once, and a note says so."""
+    found, errors, notes = [], [], []
+    folders: dict[tuple, list[Input]] = {}  # a folder named twice is looked at (and noted on) once
     for path in inputs:
         if not path.exists():  # also a dangling link or a symlink loop
             errors.append(f"{path}: no such file or folder")
         elif path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file())
-            if files and all(p.name.lower().endswith(".dcm") or is_dicom(p) for p in files):
-                cases.append(path)
-                continue
-            found = [p for p in files if p.name.lower().endswith(SLICE_SUFFIXES + NIFTI_SUFFIXES + (".dcm",))]
-            if not found:
-                errors.append(f"{path}: a folder with no PNG/JPG/NIfTI/DICOM files in it")
-            cases.extend(found)
+            st = path.stat()
+            if (st.st_dev, st.st_ino) not in folders:
+                cases, problems, remarks = folder_cases(path)
+                folders[st.st_dev, st.st_ino] = cases
+                errors += problems
+                notes += remarks
+            found += folders[st.st_dev, st.st_ino]
         else:
-            cases.append(path)
-    unique: dict[Path, Path] = {}
-    for case in cases:
-        unique.setdefault(case.resolve(), case)
-    return list(unique.values()), errors
+            found.append(Input(path))
+    named: dict[tuple, list[Input]] = {}
+    for case in found:
+        st = case.path.stat()  # the file itself, however it is named
+        named.setdefault((st.st_dev, st.st_ino, case.series), []).append(case)
+    for group in named.values():
+        if len(group) > 1:
+            also = sorted({str(c) for c in group} - {str(group[0])})
+            also_as = f" (also as {', '.join(also)})" if also else ""
+            notes.append(f"{group[0]}: named {len(group)} times{also_as}: predicted once")
+    return [group[0] for group in named.values()], errors, notes
 
 
 def _stem(path: Path) -> str:
@@ -67,16 +165,20 @@ def _stem(path: Path) -> str:
 OUTPUT_SUFFIXES = ("_seg.png", "_seg.nii.gz", "_seg.dcm", "_overlay.png", ".json")
 
 
-def output_stems(cases: list[Path], taken: Set[str] = frozenset()) -> list[str]:
-    """One output stem (a relative path without suffix) per case, unique (also ignoring case, for
-    case-insensitive file systems) and predictable: the file's stem (``scan`` for ``scan.nii.gz``);
-    where stems clash, the suffix is kept (``scan.png`` -> ``scan_png``); where that still clashes
-    (the same name in several folders), the smallest tail of the parent folders that tells them
-    apart becomes subfolders (``A/s.jpg`` -> ``A/s``, ``B/s.jpg`` -> ``B/s``); anything left
-    (only contrived names), or a stem one of whose outputs would be a path in ``taken`` (the
-    inputs, relative to the output folder), gets ``-2``, ``-3``... in input order."""
-    resolved = [Path(p).resolve() for p in cases]
-    if len(set(resolved)) != len(resolved):
+def output_stems(cases: list, taken: Set[str] = frozenset()) -> list[str]:
+    """One output stem (a relative path without suffix) per case (a path or an :class:`Input`),
+    unique (also ignoring case, for case-insensitive file systems) across all inputs of a run,
+    whatever their kind, and predictable: the file's stem (``scan`` for ``scan.nii.gz``, a series
+    of a folder holding several: ``study_series3``); where stems clash, the suffix is kept
+    (``scan.png`` -> ``scan_png``, ``scan.nii.gz`` -> ``scan_nii_gz`` beside the DICOM folder
+    ``scan/``); where that still clashes (the same name in several folders), the smallest tail of
+    the parent folders that tells them apart becomes subfolders (``A/s.jpg`` -> ``A/s``,
+    ``B/s.jpg`` -> ``B/s``); anything left (only contrived names), or a stem one of whose outputs
+    would be a path in ``taken`` (the inputs, relative to the output folder), gets ``-2``,
+    ``-3``... in input order."""
+    inputs = [_as_input(c) for c in cases]
+    resolved = [c.path.resolve() for c in inputs]
+    if len(set(zip(resolved, (c.label for c in inputs)))) != len(resolved):
         raise ValueError("the same case is listed twice")
     key = str.casefold
 
@@ -86,9 +188,12 @@ def output_stems(cases: list[Path], taken: Set[str] = frozenset()) -> list[str]:
             seen[key(s)] = seen.get(key(s), 0) + 1
         return {k for k, n in seen.items() if n > 1}
 
-    stems = [_stem(p) for p in resolved]
+    def labelled(name: str, case: Input) -> str:
+        return f"{name}_{case.label}" if case.label else name
+
+    stems = [labelled(_stem(p), c) for p, c in zip(resolved, inputs)]
     clash = clashes(stems)
-    stems = [p.name.replace(".", "_") if key(s) in clash else s for p, s in zip(resolved, stems)]
+    stems = [labelled(p.name.replace(".", "_"), c) if key(s) in clash else s for p, c, s in zip(resolved, inputs, stems)]
     clash = clashes(stems)
     if clash:
         groups: dict[str, list[int]] = {}
@@ -115,9 +220,10 @@ def output_stems(cases: list[Path], taken: Set[str] = frozenset()) -> list[str]:
 
 
 def predict_case(
-    predictor, path: Path, output, axis: int | None = None, keep_largest: bool = False, stem: str | None = None
+    predictor, path: Path | Input, output, axis: int | None = None, keep_largest: bool = False, stem: str | None = None
 ) -> dict:
-    """Predict one case and write its outputs; returns the JSON summary.
+    """Predict one case (a path or an :class:`Input`) and write its outputs; returns the JSON
+    summary.
 
     ``axis`` None: volumes in the canonical orientation, axial slices; an int: slices along that
     voxel axis as stored. ``keep_largest`` keeps only the largest connected tumour region (in 3D
@@ -126,9 +232,11 @@ def predict_case(
 
     from .writing import RADIOLOGICAL_LETTERS, OutputFolder, encode_outputs, overlay_png
 
-    case = read_case(path)
+    given = _as_input(path)
+    path = given.path
+    case = read_case(path, list(given.files) or None)
     if case.note:
-        print(f"note: {show(f'{path}: {case.note}')}", file=sys.stderr)
+        print(f"note: {show(f'{given}: {case.note}')}", file=sys.stderr)
     stored = case.image[0].numpy()
     reference = (float(np.nanmin(stored)), float(np.nanmax(stored))) if stored.size else (0.0, 0.0)
     letters = None
@@ -157,7 +265,7 @@ def predict_case(
                 shown, shown_mask, letters = view, mask_c, RADIOLOGICAL_LETTERS
                 orientation = f"canonical {SLICE_AXCODES[: view.ndim]}, axial slices"
     except InputError as e:
-        raise InputError(f"{path}: {e}") from None
+        raise InputError(f"{given}: {e}") from None
     if keep_largest and mask.any():
         import torch
         from monai.transforms import KeepLargestConnectedComponent
@@ -179,6 +287,7 @@ def predict_case(
     unit = float(np.prod(spacing[: mask.ndim])) if spacing else None
     summary = {
         "input": str(path),
+        "series_instance_uid": str(case.datasets[0].get("SeriesInstanceUID", "")) if case.datasets else None,
         "kind": case.kind,
         "shape": list(stored.shape),
         "spacing": spacing,
@@ -203,10 +312,10 @@ def predict_case(
     return summary
 
 
-def predict_cases(predictor, cases: list[Path], output, stems: dict | None = None, axis=None, keep_largest=False, progress=False):
-    """Predict each case into ``output`` (an :class:`OutputFolder`); a case that fails gets one
-    ``error:`` line and the others go on. ``stems``: output stem per case (``str(path)`` keys).
-    Returns the number of cases that failed."""
+def predict_cases(predictor, cases: list, output, stems: dict | None = None, axis=None, keep_largest=False, progress=False):
+    """Predict each case (a path or an :class:`Input`) into ``output`` (an :class:`OutputFolder`);
+    a case that fails gets one ``error:`` line and the others go on. ``stems``: output stem per
+    case (``str(case)`` keys). Returns the number of cases that failed."""
     from tqdm import tqdm
 
     from .writing import OutputError
@@ -225,11 +334,12 @@ def predict_cases(predictor, cases: list[Path], output, stems: dict | None = Non
     return failed
 
 
-def output_plan(cases: list[Path], output_dir: str | Path | None) -> tuple[set[Path], dict[str, str]]:
+def output_plan(cases: list, output_dir: str | Path | None) -> tuple[set[Path], dict[str, str]]:
     """What an output folder must never overwrite (the cases, and the files of series folders),
-    and a unique output stem per case (keyed by ``str(path)``) that avoids the inputs lying inside
-    ``output_dir``."""
-    protected = set(cases) | {f for c in cases if c.is_dir() for f in c.iterdir()}
+    and a unique output stem per case (keyed by ``str(case)``), planned for all cases together
+    before any runs, that avoids the inputs lying inside ``output_dir``."""
+    paths = {_as_input(c).path for c in cases}
+    protected = paths | {f for p in paths if p.is_dir() for f in p.iterdir()}
     inside = set()
     if output_dir is not None:
         root = Path(output_dir).resolve()
@@ -237,21 +347,47 @@ def output_plan(cases: list[Path], output_dir: str | Path | None) -> tuple[set[P
     return protected, dict(zip(map(str, cases), output_stems(cases, inside)))
 
 
+def series_notes(cases: list, stems: dict[str, str]) -> list[str]:
+    """One note per folder holding several DICOM series: how many, and the output name of each."""
+    folders: dict[Path, list[str]] = {}
+    for case in map(_as_input, cases):
+        if case.label:
+            described = f" {case.description!r}" if case.description else ""
+            folders.setdefault(case.path, []).append(f"{stems[str(case)]} = {case.series}{described} ({len(case.files)} files)")
+    return [
+        f"{folder}: {len(named)} DICOM series (SeriesInstanceUID) in one folder, each a case of its own: {'; '.join(named)}"
+        for folder, named in folders.items()
+    ]
+
+
+def plan_lines(cases: list, stems: dict[str, str], output: Path) -> list[str]:
+    """The run's plan, printed before anything runs: each case and the outputs it will get."""
+    lines = []
+    for case in map(_as_input, cases):
+        slice_ = case.path.name.lower().endswith(SLICE_SUFFIXES)
+        dicom = case.series is not None or (case.path.is_file() and is_dicom_file(case.path))
+        suffixes = ["_seg.png" if slice_ else "_seg.nii.gz", *(["_seg.dcm"] if dicom else []), "_overlay.png", ".json"]
+        lines.append(f"plan: {show(case)} -> {show(output / stems[str(case)])} ({', '.join(suffixes)})")
+    return lines
+
+
 def inference_inputs(input_dir: str | Path, output_dir: str | Path | None = None) -> dict:
     """The cases the bundle's ``inference.yaml`` predicts from ``input_dir`` (as ``find_cases``):
     ``slices`` (PNG/JPG paths that decode, for MONAI's evaluator), ``volumes`` (NIfTI/DICOM cases,
-    for the predictor), ``stems`` (a unique output stem per case, keyed by ``str(path)``),
+    for the predictor), ``stems`` (a unique output stem per case, keyed by ``str(case)``),
     ``protected`` (the inputs, never overwritten) and ``failed`` (inputs refused, each with its
     ``error:`` line printed here)."""
     from .reading import readable_slices
 
-    cases, errors = find_cases([Path(input_dir)])
+    cases, errors, notes = find_cases([Path(input_dir)])
     for line in errors:
         print(f"error: {show(line)}", file=sys.stderr)
-    is_slice = [c.is_file() and c.name.lower().endswith(SLICE_SUFFIXES) for c in cases]
+    is_slice = [c.path.is_file() and c.path.name.lower().endswith(SLICE_SUFFIXES) for c in cases]
     slices = [str(c) for c, s in zip(cases, is_slice) if s]
     readable = readable_slices(slices)
     protected, stems = output_plan(cases, output_dir)
+    for line in notes + series_notes(cases, stems):
+        print(f"note: {show(line)}", file=sys.stderr)
     return {
         "slices": readable,
         "volumes": [c for c, s in zip(cases, is_slice) if not s],
@@ -317,11 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     from .bundle import parse_overrides
 
     overrides = parse_overrides(args.set)
-    cases, errors = find_cases(args.inputs)
+    cases, errors, notes = find_cases(args.inputs)
     for line in errors:
         print(f"error: {show(line)}", file=sys.stderr)
     from .predictor import Predictor
-    from .writing import OutputFolder
+    from .writing import OutputError, OutputFolder
 
     if args.output.exists() and not args.output.is_dir():
         print(f"error: {args.output}: the output must be a folder, and this is a file", file=sys.stderr)
@@ -334,7 +470,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {show(e)}", file=sys.stderr)
         return 2
     protected, stems = output_plan(cases, args.output)
+    for line in notes + series_notes(cases, stems):
+        print(f"note: {show(line)}", file=sys.stderr)
     folder = OutputFolder(args.output, protected)
+    try:  # a folder that cannot be written at all: one line, before any case is predicted
+        folder.prepare()
+    except OutputError as e:
+        print(f"error: {show(e)}; nothing was predicted, nothing there changed", file=sys.stderr)
+        return 2
+    for line in plan_lines(cases, stems, args.output):
+        print(line, flush=True)
     failed = predict_cases(predictor, cases, folder, stems, args.axis, args.keep_largest, progress=not args.no_progress)
     print(f"{len(cases) - failed} of {len(cases) + len(errors)} inputs predicted into {args.output}")
     return 1 if failed or errors else 0

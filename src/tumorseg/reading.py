@@ -44,7 +44,7 @@ def kind_of(path: Path) -> str:
         return "nifti"
     if name.endswith(SLICE_SUFFIXES):
         return "slice"
-    if name.endswith(".dcm") or is_dicom(path):
+    if is_dicom_file(path):
         return "dicom"
     raise InputError(f"{path}: not a PNG/JPG, NIfTI or DICOM file")
 
@@ -66,7 +66,9 @@ class Case:
         if "_orient" not in self.__dict__:
             from monai.transforms import Orientation
 
-            self.__dict__["_orient"] = Orientation(axcodes=SLICE_AXCODES[: self.image.ndim - 1])
+            # labels given, as MONAI's default for an RAS affine: its default is to change (a warning)
+            labels = (("L", "R"), ("P", "A"), ("I", "S"))
+            self.__dict__["_orient"] = Orientation(axcodes=SLICE_AXCODES[: self.image.ndim - 1], labels=labels)
         return self.__dict__["_orient"]
 
     @property
@@ -103,8 +105,9 @@ class Case:
         return np.asarray(back[0])
 
 
-def read_case(path: Path) -> Case:
-    """Read one case; a file that cannot be read raises :class:`InputError` naming it."""
+def read_case(path: Path, files: list[Path] | None = None) -> Case:
+    """Read one case; a file that cannot be read raises :class:`InputError` naming it. ``files``:
+    the files of one DICOM series in the folder ``path`` (:func:`read_dicom`)."""
     path = Path(path)
     kind = kind_of(path)
     if kind == "slice":
@@ -114,7 +117,7 @@ def read_case(path: Path) -> Case:
         return Case(path, kind, MetaTensor(torch.as_tensor(read_slice(path))[None]))
     if kind == "nifti":
         return read_nifti(path)
-    return read_dicom(path)
+    return read_dicom(path, files)
 
 
 def pil_grey(im):
@@ -179,76 +182,164 @@ def read_nifti(path: Path) -> Case:
     return Case(path, "nifti", MetaTensor(torch.as_tensor(data)[None], affine=affine), nifti=img)
 
 
-def read_dicom(path: Path) -> Case:
-    """A DICOM file or series folder: (x, y, z) float32 volume in slice order (by position along
-    the slice normal, not by file name) with its RAS affine (as ITK and MONAI define it).
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM file by its name (``.dcm``) or by its ``DICM`` marker (files named ``IM0001``)."""
+    return path.name.lower().endswith(".dcm") or is_dicom(path)
 
-    A folder holding several series (``SeriesInstanceUID``) gives its series with the most slices
-    (a localiser or a second sequence is left out, and ``Case.note`` says which were). Refused with
-    a line naming the problem: slices of different sizes or orientations, a degenerate
-    ``ImageOrientationPatient``, several slices without ``ImagePositionPatient``, two slices at one
-    position, or uneven slice spacing (a slice missing)."""
-    import numpy as np
+
+@dataclass
+class Series:
+    """One DICOM series of a folder: its ``SeriesInstanceUID`` ("" where the files give none), its
+    files, and what a person knows it by (``SeriesNumber``, ``SeriesDescription``)."""
+
+    uid: str
+    files: list[Path]
+    number: int | None = None
+    description: str = ""
+
+
+def dicom_series(files: list[Path]) -> list[Series]:
+    """``files`` grouped by ``SeriesInstanceUID`` (headers only, pixels are not decoded), in the
+    order of each series' first file. A file whose header is unreadable raises
+    :class:`InputError` naming it: it could belong to any series."""
     import pydicom
+
+    series: dict[str, Series] = {}
+    for f in files:
+        try:
+            ds = pydicom.dcmread(
+                f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SeriesNumber", "SeriesDescription"]
+            )
+        except Exception as e:
+            raise InputError(f"{f}: unreadable DICOM ({e.__class__.__name__}: {e})") from None
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if uid not in series:
+            try:
+                number = int(ds.get("SeriesNumber", None))
+            except (TypeError, ValueError):
+                number = None
+            series[uid] = Series(uid, [], number, str(ds.get("SeriesDescription", "") or ""))
+        series[uid].files.append(f)
+    return list(series.values())
+
+
+# what placing the slices of a series in space needs: tag -> number of values
+GEOMETRY_TAGS = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}
+ASSUMED = {"ImagePositionPatient": [0.0, 0.0, 0.0], "ImageOrientationPatient": [1.0, 0, 0, 0, 1, 0], "PixelSpacing": [1.0, 1.0]}
+
+
+def _geometry(ds, path: Path, tag: str):
+    """The values of ``tag`` as floats (None where the file has none); malformed: InputError."""
+    import numpy as np
+
+    if tag not in ds or ds[tag].VM == 0:
+        return None
+    value = ds[tag].value
+    try:
+        numbers = np.array([float(v) for v in (value if ds[tag].VM > 1 else [value])])
+    except (TypeError, ValueError):
+        numbers = np.array([])
+    if numbers.shape != (GEOMETRY_TAGS[tag],) or not np.isfinite(numbers).all():
+        raise InputError(f"{path}: {tag} is {repr(value)[:80]}, not {GEOMETRY_TAGS[tag]} numbers")
+    return numbers
+
+
+def _read_dicom_file(path: Path):
+    """One DICOM file, pixels decoded; refused in one line naming it where the image is not one
+    grey slice: unreadable, colour (``SamplesPerPixel`` > 1) or multi-frame."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+        samples, frames = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception as e:
+        raise InputError(f"{path}: unreadable DICOM ({e.__class__.__name__}: {e})") from None
+    # a colour image is a screenshot, a secondary capture or a colour map: grey made of it is not
+    # what the scanner measured, so it is refused rather than predicted silently wrong
+    if samples > 1:
+        colour = ds.get("PhotometricInterpretation", "colour")
+        raise InputError(f"{path}: a colour DICOM image ({colour}, {samples} samples per pixel): only grey images are read")
+    if frames > 1:
+        raise InputError(f"{path}: a multi-frame DICOM ({frames} frames in one file): only one slice per file is read")
+    try:
+        ds.pixel_array  # noqa: B018  (decode now, so a broken file is reported by name)
+    except Exception as e:
+        raise InputError(f"{path}: unreadable DICOM ({e.__class__.__name__}: {e})") from None
+    return ds
+
+
+def read_dicom(path: Path, files: list[Path] | None = None) -> Case:
+    """A DICOM file or series: (x, y, z) float32 volume in slice order (by position along the
+    slice normal, not by file name) with its RAS affine (as ITK and MONAI define it).
+
+    ``files``: the series' files (:func:`dicom_series`; ``tumorseg-predict`` makes each series of a
+    folder a case of its own). Without them, a folder's DICOM files are read (other files beside
+    them, a README, are left alone) and, where they hold several series, the one with the most
+    slices is taken and ``Case.note`` says which were left out. Refused with a line naming the
+    problem: a file missing ``ImagePositionPatient``, ``ImageOrientationPatient`` or
+    ``PixelSpacing`` in a series of several slices (a single slice without them is read with 1 mm
+    axial pixels, and a note says so), slices of different sizes or orientations, a degenerate
+    orientation, two slices at one position, or uneven slice spacing (a slice missing)."""
+    import numpy as np
     import torch
     from monai.data import MetaTensor
 
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    datasets = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f)
-            ds.pixel_array  # noqa: B018  (decode now, so a broken file is reported by name)
-        except Exception as e:
-            raise InputError(f"{f}: unreadable DICOM ({e.__class__.__name__}: {e})") from None
-        datasets.append(ds)
-    if not datasets:
+    if files is None:
+        files = sorted(p for p in path.iterdir() if p.is_file() and is_dicom_file(p)) if path.is_dir() else [path]
+    loaded = [(f, _read_dicom_file(f)) for f in files]
+    if not loaded:
         raise InputError(f"{path}: no DICOM files")
     series: dict[str, list] = {}
-    for ds in datasets:
-        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+    for f, ds in loaded:
+        series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
     chosen = max(series, key=lambda uid: len(series[uid]))
     note = None
     if len(series) > 1:
         left = ", ".join(f"{uid or '(none)'} ({len(v)} files)" for uid, v in series.items() if uid != chosen)
         taken = f"{chosen or '(none)'} ({len(series[chosen])} files)"
         note = f"{len(series)} series in the folder: predicted {taken}, left out {left}"
-    datasets = series[chosen]
-    try:
-        default = [1, 0, 0, 0, 1, 0]
-        orientations = {tuple(round(float(v), 4) for v in ds.get("ImageOrientationPatient", default)) for ds in datasets}
-    except (TypeError, ValueError):
-        raise InputError(f"{path}: unreadable ImageOrientationPatient") from None
+    loaded = series[chosen]
+    geometry = {tag: [_geometry(ds, f, tag) for f, ds in loaded] for tag in GEOMETRY_TAGS}
+    missing = [tag for tag, values in geometry.items() if any(v is None for v in values)]
+    if missing and len(loaded) > 1:  # without them the slices cannot be ordered, spaced or placed
+        tag = missing[0]
+        f = next(f for (f, _), v in zip(loaded, geometry[tag]) if v is None)
+        raise InputError(f"{f}: no {tag}, which placing the slices of a series needs")
+    if missing:
+        assumed = ", ".join(missing)
+        note = "; ".join(filter(None, [note, f"no {assumed}: read as one slice of 1 mm pixels, axial"]))
+        geometry = {tag: [v if v is not None else np.array(ASSUMED[tag]) for v in values] for tag, values in geometry.items()}
+    orientations = {tuple(np.round(v, 4)) for v in geometry["ImageOrientationPatient"]}
     if len(orientations) != 1:
         raise InputError(f"{path}: slices of {len(orientations)} different orientations in one series (a localiser?)")
     orientation = np.array(next(iter(orientations)), dtype=float)
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
-    if len(orientation) != 6 or not np.isfinite(orientation).all() or np.linalg.norm(normal) < 0.5:
-        raise InputError(f"{path}: degenerate ImageOrientationPatient {list(orientation)}")
-    if len(datasets) > 1 and any("ImagePositionPatient" not in ds for ds in datasets):
-        raise InputError(f"{path}: slices without ImagePositionPatient: their order and spacing are unknown")
-    position = lambda ds: np.array(ds.get("ImagePositionPatient", [0, 0, 0]), dtype=float)  # noqa: E731
-    datasets.sort(key=lambda ds: (float(position(ds) @ normal), int(ds.get("InstanceNumber", 0) or 0)))
+    if np.linalg.norm(normal) < 0.5:
+        raise InputError(f"{loaded[0][0]}: degenerate ImageOrientationPatient {list(orientation)}")
+    position = {id(ds): p for (_, ds), p in zip(loaded, geometry["ImagePositionPatient"])}
+    spacing = {id(ds): s for (_, ds), s in zip(loaded, geometry["PixelSpacing"])}
+    datasets = [ds for _, ds in loaded]
+    datasets.sort(key=lambda ds: (float(position[id(ds)] @ normal), int(ds.get("InstanceNumber", 0) or 0)))
     first = datasets[0]
     shapes = {ds.pixel_array.shape for ds in datasets}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-        raise InputError(f"{path}: slices of different or multi-frame shapes {sorted(shapes)}")
+    if len(shapes) != 1:
+        raise InputError(f"{path}: slices of different sizes {sorted(shapes)} in one series")
     if len(datasets) > 1:
-        gaps = np.diff([float(position(ds) @ normal) for ds in datasets])
+        gaps = np.diff([float(position[id(ds)] @ normal) for ds in datasets])
         if gaps.min() <= 1e-3:
             raise InputError(f"{path}: two slices at one position (duplicates, or several acquisitions in one series)")
         if gaps.max() - gaps.min() > 0.1 * gaps.mean():
             spread = f"{gaps.min():.3g} to {gaps.max():.3g} mm"
             raise InputError(f"{path}: uneven slice spacing ({spread}): a slice is missing, or the series is not one volume")
     volume = np.stack([_rescaled(ds).T for ds in datasets], axis=-1)  # (cols=x, rows=y, z)
-    dy, dx = (float(v) for v in first.get("PixelSpacing", [1, 1]))
+    dy, dx = spacing[id(first)]
     if len(datasets) > 1:
-        step = (position(datasets[-1]) - position(datasets[0])) / (len(datasets) - 1)
+        step = (position[id(datasets[-1])] - position[id(first)]) / (len(datasets) - 1)
     else:
         step = normal * float(first.get("SliceThickness", 1) or 1)
     lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * dx, col_dir * dy, step, position(first)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * dx, col_dir * dy, step, position[id(first)]
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS (DICOM) -> RAS (NIfTI, MONAI)
     image = MetaTensor(torch.as_tensor(volume)[None], affine=torch.as_tensor(affine))
     return Case(path, "dicom", image, datasets=datasets, note=note)

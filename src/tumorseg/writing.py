@@ -4,9 +4,12 @@ and a JSON summary. Every file is written atomically (``tumorseg.files.write_ato
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
+import tempfile
 from collections.abc import Set
 from pathlib import Path
 
@@ -96,16 +99,35 @@ class OutputError(Exception):
     """An output that must not or cannot be written; reported as one line naming the file."""
 
 
+# why a write failed, in a user's words (the errno's own text, "File too large", says less)
+WRITE_PROBLEMS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is too large for the file size limit (ulimit -f) or the file system",
+    errno.EROFS: "the folder is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "a part of the path is a file, not a folder",
+    errno.ENAMETOOLONG: "the name is too long",
+}
+
+
+def write_problem(e: OSError) -> str:
+    """``e`` in plain words: "the disk is full", "the folder is read-only", "permission denied"."""
+    return WRITE_PROBLEMS.get(e.errno or 0, e.strerror or e.__class__.__name__)
+
+
 class OutputFolder:
     """The output folder of ``tumorseg-predict`` (and of the bundle's inference config): writes a
-    case's files only where that overwrites nothing the command did not create, and records what
-    it wrote.
+    case's files only where that overwrites nothing the command did not create, all of them or
+    none, and records what it wrote.
 
-    ``.tumorseg-predict.json`` in the folder lists every file written (relative path -> SHA-256).
-    A file may be replaced only if it is listed there with its current content (a re-run, or a
-    resumed one); anything else already there (a BIDS sidecar, a file edited since, an input) is
-    refused, as is any path in ``protected`` (the inputs). A case's files are encoded first and
-    written together: if one write fails, the ones written for that case are removed again.
+    ``.tumorseg-predict.json`` in the folder lists every file written (relative path -> SHA-256;
+    while a case's files are being put in place, a list of the old and the new SHA-256). A file
+    may be replaced only if it is listed there with its current content (a re-run, or a resumed
+    one, also after a run was killed); anything else already there (a BIDS sidecar, a file edited
+    since, an input) is refused, as is any path in ``protected`` (the inputs).
     """
 
     MANIFEST = ".tumorseg-predict.json"
@@ -113,23 +135,54 @@ class OutputFolder:
     def __init__(self, root: Path, protected: Set[Path] = frozenset()):
         self.root = Path(root)
         self.protected = {Path(p).resolve() for p in protected}
+        self.done: list[str] = []  # the cases written by this object, by their summary's name
         path = self.root / self.MANIFEST
         try:
             self.written = json.loads(path.read_text()) if path.is_file() else {}
         except (OSError, ValueError):
             self.written = {}  # unreadable: nothing counts as ours, so nothing is overwritten
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """The temporary files a killed run left beside files it was writing (``.x_seg.png.*.tmp``)."""
+        names: dict[Path, set[str]] = {self.root: {self.MANIFEST}}
+        for rel in self.written:
+            names.setdefault((self.root / rel).parent, set()).add(Path(rel).name)
+        for folder, ours in names.items():
+            try:
+                for p in folder.iterdir():
+                    if p.name.endswith(".tmp") and p.name[1:].rsplit(".", 2)[0] in ours:
+                        p.unlink()
+            except OSError:
+                pass  # a folder gone or unreadable: nothing to tidy there
 
     @staticmethod
     def _digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def _ours(self, rel: str, digest: str) -> bool:
+        recorded = self.written.get(rel)
+        return digest in recorded if isinstance(recorded, list) else digest == recorded
 
     def _check(self, path: Path) -> None:
         if path.resolve() in self.protected:
             raise OutputError(f"{path}: is an input; not overwritten")
         if path.is_symlink() or path.exists():
             rel = path.relative_to(self.root).as_posix()
-            if not path.is_file() or path.is_symlink() or self.written.get(rel) != self._digest(path):
+            if not path.is_file() or path.is_symlink() or not self._ours(rel, self._digest(path)):
                 raise OutputError(f"{path}: exists and was not written by tumorseg-predict; not overwritten")
+
+    def _save(self, written: dict) -> None:
+        write_atomic(self.root / self.MANIFEST, (json.dumps(written, indent=0, sort_keys=True) + "\n").encode())
+
+    def prepare(self) -> None:
+        """Create the folder and try a file in it: a folder that cannot be written at all is one
+        :class:`OutputError` in plain words, before anything is predicted."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.root).close()
+        except OSError as e:
+            raise OutputError(f"{self.root}: cannot write: {write_problem(e)}") from None
 
     def claim(self, paths: list) -> None:
         """Before a writer that is not ours (the bundle's ``SaveImaged``) runs: one ``error:`` line
@@ -154,25 +207,65 @@ class OutputFolder:
         for path in map(Path, paths):
             if path.is_file():
                 self.written[path.relative_to(self.root).as_posix()] = self._digest(path)
-        write_atomic(self.root / self.MANIFEST, (json.dumps(self.written, indent=0, sort_keys=True) + "\n").encode())
+        self._save(self.written)
 
     def write(self, files: dict[Path, bytes]) -> None:
+        """Write one case's files, all or none: each is written in full to a temporary file beside
+        it first (where a full disk, a read-only folder or a missing permission shows; on failure
+        the temporary files go and nothing of the case has changed), then all are renamed into
+        place. A failure is one :class:`OutputError` saying what happened and what was kept."""
         for path in files:
             self._check(path)
-        done = []
+        rel = {path: path.relative_to(self.root).as_posix() for path in files}
+        new = {path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
+        staged: dict[Path, Path] = {}
+        renamed, where = 0, self.root / self.MANIFEST
         try:
-            for path, data in files.items():
-                existed = path.exists()
-                write_atomic(path, data)
-                if not existed:
-                    done.append(path)
-                self.written[path.relative_to(self.root).as_posix()] = hashlib.sha256(data).hexdigest()
-            write_atomic(self.root / self.MANIFEST, (json.dumps(self.written, indent=0, sort_keys=True) + "\n").encode())
+            # old and new content both count as ours until the renames are done: a run killed
+            # among them leaves files that a re-run may replace
+            pending = {rel[p]: [d for d in (self._current(p), new[p]) if d] for p in files}
+            self._save({**self.written, **pending})
+            for where, data in files.items():
+                if self._current(where) != new[where]:  # an identical file is left untouched
+                    staged[where] = _stage(where, data)
+            for where, tmp in staged.items():
+                os.replace(tmp, where)
+                renamed += 1
         except OSError as e:
-            for path in done:
-                path.unlink(missing_ok=True)
-            where = getattr(e, "filename", None) or next(iter(files))
-            raise OutputError(f"{where}: cannot write ({e.strerror or e.__class__.__name__})") from None
+            for tmp in list(staged.values())[renamed:]:
+                tmp.unlink(missing_ok=True)
+            raise OutputError(self._failure(e, where, renamed)) from None
+        self.written.update({rel[p]: new[p] for p in files})
+        try:
+            self._save(self.written)
+        except OSError:
+            pass  # the files are in place, and the manifest already counts them as ours
+        self.done.append(rel[list(files)[-1]].removesuffix(".json"))  # the summary comes last
+
+    def _current(self, path: Path) -> str | None:
+        return self._digest(path) if path.is_file() else None
+
+    def _failure(self, e: OSError, where: Path, renamed: int) -> str:
+        what = "some outputs of this case were replaced: run it again" if renamed else "nothing of this case was written"
+        kept = ""
+        if self.done:
+            names = ", ".join(self.done[:3]) + (", ..." if len(self.done) > 3 else "")
+            kept = f"; the {len(self.done)} case(s) written before it are complete ({names})"
+        return f"{where}: cannot write: {write_problem(e)}; {what}{kept}"
+
+
+def _stage(path: Path, data: bytes) -> Path:
+    """``data`` in a new temporary file beside ``path`` (``.name.XXXXXXXX.tmp``), to rename later."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
 
 
 def encode_outputs(case, mask: np.ndarray, outputs: dict[str, Path], overlay: bytes, summary: dict) -> tuple[dict, dict]:
