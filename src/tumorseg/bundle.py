@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 # The bundle this package serves: TUMORSEG_BUNDLE where set (an installed package, e.g. in MONAI
@@ -83,6 +84,22 @@ def _argument(argv: list[str], name: str) -> str | None:
     return None
 
 
+def _refuse_in_one_line(kind, value, traceback) -> None:
+    """``sys.excepthook`` of the bundle's workflows: an error whose chain holds an
+    :class:`~tumorseg.reading.InputError` (MONAI wraps it in "Failed to instantiate ...") is told
+    as the one line ``tumorseg-predict`` prints; anything else as Python tells it."""
+    from .reading import InputError
+
+    cause, seen = value, set()
+    while cause is not None and id(cause) not in seen and not isinstance(cause, InputError):
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        sys.__excepthook__(kind, value, traceback)
+    else:
+        print(f"error: {cause}", file=sys.stderr)
+
+
 def check_invocation(argv: list[str] | None = None) -> None:
     """The first step of every workflow's ``initialize``: under ``python -m monai.bundle run``, a
     workflow file given without the files it is layered on (``common.yaml`` ...), or a bundle's
@@ -91,11 +108,11 @@ def check_invocation(argv: list[str] | None = None) -> None:
     undefined reference. Elsewhere (MONAI Label, Python) it does nothing: their callers layer the
     files. Written to run before any reference is resolved: it reads only the command line."""
     import ast
-    import sys
 
     argv = sys.argv if argv is None else argv
     if not argv or Path(argv[0]).parent.name != "bundle" or Path(argv[0]).parent.parent.name != "monai":
         return
+    sys.excepthook = _refuse_in_one_line  # bad inputs found later (datalist, weights): one line too
     given = _argument(argv, "--config_file")
     if given is None:
         return
@@ -109,7 +126,8 @@ def check_invocation(argv: list[str] | None = None) -> None:
     workflow = max((w for w, layers in WORKFLOWS.items() if layers[-1] in names), key=lambda w: len(WORKFLOWS[w]), default=None)
     bundle = files[-1].resolve().parent.parent if files else BUNDLE
     root = _argument(argv, "--bundle_root")
-    if workflow is not None and not set(WORKFLOWS[workflow]) <= set(names):
+    merged = any(f.suffix == ".json" for f in files)  # one exported config holding the layers (MONAI Label's)
+    if workflow is not None and not merged and not set(WORKFLOWS[workflow]) <= set(names):
         missing = ", ".join(n for n in WORKFLOWS[workflow] if n not in names)
         raise SystemExit(
             f"error: {files[-1]}: a layer of the bundle's configs, not a workflow on its own (missing {missing}); "

@@ -44,6 +44,16 @@ def load_weights(network, checkpoint: Path, device) -> None:
         raise InputError(f"{checkpoint}: weights of another network ({first})") from None
 
 
+def checked_checkpoint(checkpoint: str | Path, network) -> str:
+    """``checkpoint``, once its weights load into a copy of ``network`` (a bundle workflow's
+    ``CheckpointLoader`` reads it next): truncated, text, pickled code or another network's
+    weights are refused before the engine starts. Raises :class:`InputError`."""
+    import copy
+
+    load_weights(copy.deepcopy(network).cpu(), Path(checkpoint), "cpu")
+    return str(checkpoint)
+
+
 def drop_short_tumours(mask, min_run: int):
     """``mask`` (x, y, slices) without the flagged regions that look like no 3D object.
 

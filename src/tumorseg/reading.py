@@ -350,3 +350,34 @@ def _rescaled(ds):
 
     arr = ds.pixel_array.astype(np.float32)
     return arr * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+
+
+def datalist_items(path: str | Path, key: str, base_dir: str | Path, negatives: bool = True) -> list[dict]:
+    """The items of list ``key`` of a MONAI datalist (``monai.data.load_decathlon_datalist``),
+    checked before any engine starts: the datalist readable, the list there, every image and
+    label file present. ``negatives`` false leaves out the items marked ``"tumour": 0``.
+    Raises :class:`InputError` naming the file and the problem (the first missing files and
+    how many)."""
+    import json
+
+    from monai.data import load_decathlon_datalist
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no datalist (convert the data first: tumorseg-convert, or give --dataset_dir)")
+    try:
+        listed = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not a JSON datalist ({e.__class__.__name__})") from None
+    if not isinstance(listed, dict) or not isinstance(listed.get(key), list):
+        found = sorted(k for k, v in listed.items() if isinstance(v, list)) if isinstance(listed, dict) else []
+        raise InputError(f"{path}: no list {key!r} (lists there: {', '.join(found) or 'none'})")
+    try:
+        items = load_decathlon_datalist(str(path), data_list_key=key, base_dir=str(base_dir))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: list {key!r} is not a list of items with an image ({e})") from None
+    missing = [f for item in items for k in ("image", "label") if k in item for f in [item[k]] if not Path(f).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise InputError(f"{path}: {len(missing)} file(s) of list {key!r} missing: {shown}")
+    return [item for item in items if negatives or item.get("tumour", 1)]

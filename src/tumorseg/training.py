@@ -164,8 +164,11 @@ class Recipe:
                 code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
             if code != 0:
                 tail = (logs / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
-                raise SystemExit(f"error: recipe stage {stage} failed (exit {code}): {tail[0]} (log: {logs / 'train.log'})")
+                reason = tail[0].removeprefix("error: ")
+                raise SystemExit(f"error: recipe stage {stage} failed (exit {code}): {reason} (log: {logs / 'train.log'})")
             weights = folder / "model.pt"
+            if not weights.is_file():  # the best-model saver writes at a validation
+                raise SystemExit(f"error: recipe stage {stage} wrote no {weights} (no validation: val_interval > max_epochs?)")
             result = {
                 "stage": stage,
                 "weights": str(weights),
