@@ -42,7 +42,7 @@ def test_training_killed_mid_epoch_resumes_into_the_same_mlflow_run(converted_sa
         "-m",
         "monai.bundle",
         "run",
-        "training",
+        "run",  # one stage (the recipe's resume across stages: tests/test_recipe.py)
         "--config_file",
         TRAIN,
         "--dataset_dir",
