@@ -42,9 +42,9 @@ def pairs(predictor, items: list[dict]) -> np.ndarray:
     shrink, square = Resize(SIZE, size_mode="longest", mode="area"), ResizeWithPadOrCrop((SIZE, SIZE))
     for k, item in enumerate(items):
         image = read_slice(Path(item["image"]))
-        pre, _ = predictor._logits([image])
-        (prob,) = predictor.probability_maps([image])
-        x = torch.stack([torch.as_tensor(pre[0][predictor.image_key])[0], torch.as_tensor(prob, dtype=torch.float32)])
+        pre, logits = predictor._logits([image])  # one network pass: the slice as fed and its logits
+        prob = torch.sigmoid(logits[0][0]).float()
+        x = torch.stack([torch.as_tensor(pre[0][predictor.image_key])[0], prob])
         out[k] = np.asarray(square(shrink(x)), np.float16)
         print(f"\r{k + 1}/{len(items)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
