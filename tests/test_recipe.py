@@ -110,3 +110,21 @@ def test_poster_recipe_is_one_override_file():
     shipped = parser("train")
     assert shipped.get_parsed_content("recipe_stages") == ["segmentation", "negatives", "refiner"]
     assert configs("train_poster.yaml").endswith("train_poster.yaml']")
+
+
+def test_negatives_collate_with_unmarked_tumour_items(converted_sample, tmp_path):
+    """Only the negatives carry ``"tumour": 0``; a batch that holds both kinds still collates
+    (a batch keeps the keys of its first item, so a marked one first used to end in KeyError)."""
+    from monai.data import list_data_collate
+
+    from tumorseg.reading import datalist_items
+
+    data = with_negative(converted_sample, tmp_path)
+    datalist = json.loads((data / "datalist.json").read_text())
+    datalist["training"].insert(0, datalist["training"].pop())  # the marked negative first
+    (data / "datalist.json").write_text(json.dumps(datalist))
+    items = datalist_items(data / "datalist.json", "training", data)
+    assert len(items) == len(datalist["training"]) and Path(items[0]["image"]).name == "healthy.png"
+    assert len(list_data_collate(items)["image"]) == len(items)
+    without = datalist_items(data / "datalist.json", "training", data, negatives=False)
+    assert len(without) == len(items) - 1

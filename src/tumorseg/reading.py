@@ -355,7 +355,9 @@ def _rescaled(ds):
 def datalist_items(path: str | Path, key: str, base_dir: str | Path, negatives: bool = True) -> list[dict]:
     """The items of list ``key`` of a MONAI datalist (``monai.data.load_decathlon_datalist``),
     checked before any engine starts: the datalist readable, the list there, every image and
-    label file present. ``negatives`` false leaves out the items marked ``"tumour": 0``.
+    label file present. ``negatives`` false leaves out the items marked ``"tumour": 0``; the
+    mark itself is dropped from every item (a batch collates only keys that all its items share,
+    and only the negatives carry it).
     Raises :class:`InputError` naming the file and the problem (the first missing files and
     how many)."""
     import json
@@ -380,4 +382,6 @@ def datalist_items(path: str | Path, key: str, base_dir: str | Path, negatives: 
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise InputError(f"{path}: {len(missing)} file(s) of list {key!r} missing: {shown}")
-    return [item for item in items if negatives or item.get("tumour", 1)]
+    return [
+        {k: v for k, v in item.items() if k != "tumour"} for item in items if negatives or item.get("tumour", 1)
+    ]
