@@ -116,7 +116,7 @@ monailabel-serve: monailabel-venv monailabel-app
 	    $(ML_VENV)/bin/monailabel start_server --app monailabel_app \
 	    --studies $(STUDIES) --host 127.0.0.1 --port $(ML_PORT) --conf models brain_tumor_mri_seg
 
-# A local PACS to try `python -m tumorseg.dicomweb predict URL --output DIR` on: Debian's Orthanc
+# A local PACS to try `tumorseg-predict URL --output DIR` on: Debian's Orthanc
 # with its DICOMweb plugin (apt-get install orthanc orthanc-dicomweb) on 127.0.0.1, as
 # tests/test_pacs.py runs it, storage in PACS_DIR, its login that of TUMORSEG_DICOMWEB_USER and
 # TUMORSEG_DICOMWEB_PASSWORD (set them in the environment); DICOMweb root http://127.0.0.1:PACS_PORT/dicom-web

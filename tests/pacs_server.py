@@ -4,7 +4,7 @@ temporary storage folder, its own JSON config (remote access refused, HTTP basic
 with one generated test user) and a Lua filter that refuses the DICOM SEGs of two test patients
 (``REFUSE_SEG``, ``DROP_SEG``). Stopped by its PID.
 
-``make pacs-serve`` runs one to try ``python -m tumorseg.dicomweb`` on (no Lua filter, the login
+``make pacs-serve`` runs one to try ``tumorseg-predict URL`` on (no Lua filter, the login
 of ``TUMORSEG_DICOMWEB_USER``/``TUMORSEG_DICOMWEB_PASSWORD``):
 
     python tests/pacs_server.py FOLDER [HTTP_PORT [DICOM_PORT]]

@@ -1,6 +1,6 @@
 """The PACS loop against a real server: Debian's Orthanc with its DICOMweb plugin
 (``tests/pacs_server.py``). A DICOM series made from the sample's slices is stored with STOW-RS,
-``python -m tumorseg.dicomweb predict`` runs on its series URL and on its study URL, and the DICOM
+``tumorseg-predict`` runs on its series URL and on its study URL, and the DICOM
 SEG it stores back is looked up by QIDO-RS and compared with the local mask. Every failure (server
 unreachable, slow or refusing the login, a study or series that does not exist, a non-MR or
 unreadable series, a STOW-RS the server does not honour) is one line naming the URL, exit status 1,
@@ -63,9 +63,7 @@ def study(pacs, tmp_path_factory):
 
 def predict(pacs: Pacs, *args, env: dict | None = None):
     login = {USER: pacs.user, PASSWORD: pacs.password}
-    return run_cli(
-        "-m", "tumorseg.dicomweb", "predict", *map(str, args), "--no-progress", env={**login, **(env or {})}, timeout=300
-    )
+    return run_cli("-m", "tumorseg.predict", *map(str, args), "--no-progress", env={**login, **(env or {})}, timeout=300)
 
 
 def series_url(pacs: Pacs, study_uid: str, series_uid: str) -> str:
@@ -130,6 +128,19 @@ def test_study_url_predicts_its_mr_series_and_skips_the_ct(pacs, study, tmp_path
     assert not (tmp_path / f"{ct}.json").exists()
     summary = assert_seg_on_server(pacs, tmp_path, study_uid, mr)
     assert stored_segs(pacs, study_uid) - before == {summary["dicomweb"]["seg_sop_instance_uid"]}
+
+
+def test_a_url_and_local_files_in_one_run(pacs, study, tmp_path):
+    """A series URL beside a local slice: one plan, both predicted, only the series' SEG stored;
+    the options may stand between the inputs."""
+    study_uid, mr, _ = study
+    local = sorted((SAMPLE / "test").glob("*.jpg"))[0]
+    done = predict(pacs, local, "--output", tmp_path, series_url(pacs, study_uid, mr))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 of 2 inputs predicted" in done.stdout and "1 of 1 DICOM SEGs stored" in done.stdout
+    assert (tmp_path / f"{local.stem}_seg.png").is_file()
+    assert json.loads((tmp_path / f"{local.stem}.json").read_text())["input"] == str(local)
+    assert_seg_on_server(pacs, tmp_path, study_uid, mr)
 
 
 def one_error_line(done, *words: str) -> str:

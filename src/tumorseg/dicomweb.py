@@ -15,7 +15,7 @@ to wait for the server to connect and between bytes of an answer, default 30; re
 not a bound on a whole download). A URL with credentials in it (``user:password@``) is refused. Each
 request is tried once; every failure is one line naming the URL and the problem.
 
-    python -m tumorseg.dicomweb predict URL [URL ...] --output DIR [tumorseg-predict options]
+    tumorseg-predict URL [URL ...] [local inputs] --output DIR [options]
 """
 
 from __future__ import annotations
@@ -266,24 +266,19 @@ def store_case(fetched: FetchedSeries, output: Path) -> str | None:
     return problem
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``predict URL [URL ...] --output DIR [tumorseg-predict options]``: fetch, predict, store."""
+def predict_with_urls(argv: list[str]) -> int:
+    """``tumorseg-predict`` with study or series URLs among its inputs (beside local ones or
+    alone): fetch each URL's MR series, predict them with the local inputs in one run, store
+    each series' DICOM SEG back on its server. Options are checked before any request."""
     import tempfile
 
     from .predict import build_parser
     from .predict import main as predict_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    urls = []
-    for word in argv[1:]:
-        if not is_url(word):
-            break
-        urls.append(word)
-    if argv[:1] != ["predict"] or not urls:
-        print(f"usage: {__doc__.strip().splitlines()[-1].strip()}", file=sys.stderr)
-        return 2
-    options = argv[1 + len(urls) :]
-    output = build_parser().parse_args(["placeholder", *options]).output  # its options checked before any request
+    urls = [word for word in argv if is_url(word)]
+    rest = [word for word in argv if not is_url(word)]
+    parsed = build_parser().parse_intermixed_args([*rest, "placeholder"])  # options checked before any request
+    output, local_inputs = parsed.output, parsed.inputs[:-1]
     failed = 0
     with tempfile.TemporaryDirectory(prefix="tumorseg-dicomweb-") as tmp:
         fetched: list[FetchedSeries] = []
@@ -297,12 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"note: {show(f.url)}: named more than once: predicted once", file=sys.stderr)
                 else:
                     fetched.append(f)
-        if not fetched:
+        if not fetched and not local_inputs:
             return 1
         for f in fetched:
-            print(f"fetched {f.instances} instances of {show(f.url)}")
-        folders = [f.folder for f in fetched]
-        status = predict_main([*map(str, folders), *options])
+            print(f"fetched {f.instances} instances of {show(f.url)} into {show(f.folder)}")
+        status = predict_main([*(str(f.folder) for f in fetched), *rest])
         stored = 0
         for f in fetched:
             problem = store_case(f, output)
@@ -311,9 +305,6 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
             else:
                 stored += 1
-        print(f"{stored} of {len(fetched)} DICOM SEGs stored")
+        if fetched:
+            print(f"{stored} of {len(fetched)} DICOM SEGs stored")
     return 1 if failed or status else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

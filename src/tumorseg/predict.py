@@ -32,6 +32,11 @@ case's outputs are written all or none (``tumorseg.writing.OutputFolder``); a wr
 (the disk is full, the folder is read-only, permission denied) is one line saying so and what was
 kept, and the batch goes on. An output folder that cannot be written at all stops the run before
 any case (exit status 2); any case that failed gives exit status 1 at the end.
+
+A study or series on a PACS is given by its DICOMweb URL (``http://host/dicom-web/studies/<UID>``,
+optionally ``/series/<UID>``): each MR series is fetched, predicted as a DICOM series folder, and
+its DICOM SEG stored back on the server (``tumorseg.dicomweb``: credentials from the environment
+or netrc, never on the command line).
 """
 
 from __future__ import annotations
@@ -408,7 +413,12 @@ def report_inference(inputs: dict, output_dir, volume_failures: int = 0) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tumorseg-predict", description=__doc__.splitlines()[0].split(": ", 1)[1])
-    p.add_argument("inputs", nargs="+", type=Path, help="PNG/JPG/NIfTI/DICOM files, DICOM series folders, or folders of files")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        help="PNG/JPG/NIfTI/DICOM files, DICOM series folders, folders of files, or DICOMweb study/series URLs",
+    )
     p.add_argument("--output", "-o", type=Path, required=True, help="folder for the outputs (created)")
     p.add_argument("--bundle", type=Path, default=BUNDLE, help="bundle folder (default: the repository's)")
     p.add_argument("--checkpoint", type=Path, help="weights (default: <bundle>/models/model.pt)")
@@ -449,7 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .dicomweb import is_url
+
+    if any(map(is_url, argv)):  # studies or series on a PACS among the inputs (tumorseg.dicomweb)
+        from .dicomweb import predict_with_urls
+
+        return predict_with_urls(argv)
+    args = build_parser().parse_intermixed_args(argv)
     from .bundle import parse_overrides
 
     overrides = parse_overrides(args.set)

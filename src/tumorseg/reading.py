@@ -382,6 +382,4 @@ def datalist_items(path: str | Path, key: str, base_dir: str | Path, negatives: 
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise InputError(f"{path}: {len(missing)} file(s) of list {key!r} missing: {shown}")
-    return [
-        {k: v for k, v in item.items() if k != "tumour"} for item in items if negatives or item.get("tumour", 1)
-    ]
+    return [{k: v for k, v in item.items() if k != "tumour"} for item in items if negatives or item.get("tumour", 1)]
