@@ -324,3 +324,18 @@ def test_sigkill_midway_leaves_the_output_absent_or_complete_and_a_rerun_succeed
     assert digest(out) == before  # the earlier output, whole
     assert run(converter(root, out)).returncode == 0 and digest(out) != before
     assert [p.name for p in out.parent.iterdir()] == ["out"]
+
+
+def test_a_real_full_disk_leaves_nothing(tmp_path):
+    """ENOSPC, not a file size limit: the outputs' folder is a 64 KiB file system (tmpfs, in a
+    mount namespace of its own) that 300 images' labels do not fit; the listing afterwards is
+    copied out of the namespace."""
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no mount namespaces to mount a small file system")
+    root, disk, listing = make_input(tmp_path / "in", 300), tmp_path / "disk", tmp_path / "listing.txt"
+    disk.mkdir()
+    command = " ".join(converter(root, disk / "out")[2:]).removeprefix(" exec ")
+    script = f"mount -t tmpfs -o size=64k tmpfs '{disk}' && {{ {command}; }}; s=$?; ls -A '{disk}' > '{listing}'; exit $s"
+    line = one_error(run(["unshare", "-rm", "bash", "-c", script]))
+    assert line.startswith("error: ") and line.endswith(f"cannot write: the disk is full; nothing was written to {disk / 'out'}")
+    assert listing.read_text() == ""  # no labels/, no datalist, no temporary folder

@@ -111,15 +111,23 @@ def make_inputs(root: Path) -> dict:
     return {"good": good, "bad": bad, "expected": expected, "all": [*good, root / "rgb.dcm", root / "frames.dcm", root / "notag"]}
 
 
-def run(*args, limit_kb: int | None = None, read_only: Path | None = None) -> subprocess.CompletedProcess:
-    """``tumorseg-predict`` as a user runs it, optionally under ``ulimit -f`` or with ``read_only``
-    mounted read-only (a mount namespace of its own)."""
+def run(
+    *args, limit_kb: int | None = None, read_only: Path | None = None, full_disk: tuple[Path, int, Path] | None = None
+) -> subprocess.CompletedProcess:
+    """``tumorseg-predict`` as a user runs it, optionally under ``ulimit -f``, with ``read_only``
+    mounted read-only, or with ``full_disk = (folder, KiB, copy)``: a file system of that size
+    (tmpfs) mounted on the folder, whose content is copied to ``copy`` once the run ends (the
+    last two in a mount namespace of their own)."""
     command = " ".join(f"'{a}'" for a in [COMMAND, *map(str, args), *FAST])
     if limit_kb is not None:
         command = f"ulimit -f {limit_kb}; exec {command}"
     if read_only is not None:
         command = f"mount --bind -o ro '{read_only}' '{read_only}' && exec {command}"
-    prefix = ["unshare", "-rm"] if read_only is not None else []
+    if full_disk is not None:
+        folder, size_kb, copy = full_disk
+        mount = f"mount -t tmpfs -o size={size_kb}k tmpfs '{folder}'"
+        command = f"{mount} && {{ {command}; }}; s=$?; cp -a '{folder}/.' '{copy}/'; exit $s"
+    prefix = ["unshare", "-rm"] if read_only is not None or full_disk is not None else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([*prefix, "bash", "-c", command], capture_output=True, text=True, timeout=300, env=env)
 
@@ -231,15 +239,37 @@ def test_a_full_disk_loses_and_mixes_nothing(reference, tmp_path):
             assert content(tmp_path, stem) == content(out, stem)
 
 
-def _can_mount_read_only() -> bool:
+def _can_mount(*how: str) -> bool:
     probe = tempfile.mkdtemp()
     try:
-        done = subprocess.run(["unshare", "-rm", "mount", "--bind", "-o", "ro", probe, probe], capture_output=True)
-        return done.returncode == 0
+        return subprocess.run(["unshare", "-rm", "mount", *how, probe], capture_output=True).returncode == 0
     except OSError:
         return False
     finally:
         os.rmdir(probe)
+
+
+def test_a_disk_that_fills_up_loses_and_mixes_nothing(reference, tmp_path):
+    """A real full disk (ENOSPC: a small tmpfs as the output folder): the cases written before it
+    filled are whole and what they were in the reference run, the case that did not fit gets one
+    line saying the disk is full and leaves no file, not even a temporary one."""
+    if not (shutil.which("unshare") and _can_mount("-t", "tmpfs", "-o", "size=64k", "tmpfs")):
+        pytest.skip("no mount namespaces to mount a small file system")
+    inputs, out, _ = reference
+    total = sum(len(data) for data in outputs(out).values())
+    mounted, copy = tmp_path / "disk", tmp_path / "copy"
+    mounted.mkdir(), copy.mkdir()
+    full = run(*inputs["good"], "-o", mounted, full_disk=(mounted, total // 2 // 1024, copy))
+    assert full.returncode == 1
+    errors = lines(full, "error")
+    assert errors and all("cannot write: the disk is full" in e for e in errors), errors
+    written = outputs(copy)
+    complete = {stem_of(name) for name in written}
+    assert complete and len(complete) + len(errors) <= len(inputs["expected"])
+    for stem in complete:
+        assert content(copy, stem) == content(out, stem), stem
+    assert all(any(name == stem + suffix for suffix in OUTPUT_SUFFIXES) for name in written for stem in [stem_of(name)])
+    assert sorted(written) == sorted(name for name in written if (out / name).exists())  # no temporary file left
 
 
 def test_an_output_folder_that_cannot_be_written_is_one_line_and_keeps_what_is_there(reference, tmp_path):
@@ -252,7 +282,7 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_and_keeps_what_is_t
         kept.chmod(0o555)
         result, words = run(*inputs["good"], "-o", kept), "permission denied"
         kept.chmod(0o755)
-    elif shutil.which("unshare") and _can_mount_read_only():
+    elif shutil.which("unshare") and _can_mount("--bind", "-o", "ro", tempfile.gettempdir()):
         result, words = run(*inputs["good"], "-o", kept, read_only=kept), "the folder is read-only"
     else:
         pytest.skip("root, and no mount namespaces to make a folder read-only")
