@@ -253,8 +253,9 @@ def test_bundle_inference_goes_on_past_a_corrupt_slice_and_keeps_names_apart(tra
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "broken.jpg" in lines[0]
-    written = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != ".tumorseg-predict.json")
+    written = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.endswith("_seg.png"))
     assert written == ["a_jpg_seg.png", "a_png_seg.png", "deep_seg.png"]
+    assert not any(p.name.startswith("broken") for p in (tmp_path / "out").iterdir())
     # the 16-bit copy is read at its depth: the same mask as its 8-bit original
     (tmp_path / "in8").mkdir()
     Image.open(GOOD_JPG).convert("L").save(tmp_path / "in8" / "a.png")

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Set
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,6 +224,44 @@ def output_stems(cases: list, taken: Set[str] = frozenset()) -> list[str]:
     return stems
 
 
+def case_mask(predictor, case, axis: int | None = None):
+    """The mask of a case read by :func:`~tumorseg.reading.read_case`, in its own voxel order,
+    with the per-slice peak probabilities and what the overlay shows: ``(mask, peaks, shown,
+    shown_mask, orientation, letters)``; ``axis`` as in :func:`predict_case`. MONAI Label's app
+    predicts the series of a PACS through it, as ``tumorseg-predict`` does."""
+    import numpy as np
+
+    from .writing import RADIOLOGICAL_LETTERS
+
+    stored = case.image[0].numpy()
+    reference = (float(np.nanmin(stored)), float(np.nanmax(stored))) if stored.size else (0.0, 0.0)
+    letters = None
+    if case.kind == "slice" or axis is not None:
+        view = stored
+        mask, peaks = predictor.predict_volume(view, axis=-1 if axis is None else axis, reference=reference)
+        stored_axis = -1 if axis is None else axis
+        shown, shown_mask = (
+            (view, mask) if view.ndim == 2 else (np.moveaxis(view, stored_axis, -1), np.moveaxis(mask, stored_axis, -1))
+        )
+        orientation = "as displayed" if case.kind == "slice" else f"voxel axis {axis} as stored"
+    else:
+        canonical = case.canonical()
+        view = canonical[0].numpy()
+        if view.ndim == 3 and 1 in view.shape[:2]:  # one sagittal or coronal slice: its own plane, as stored
+            plane = stored.squeeze(axis=tuple(k for k in range(stored.ndim) if stored.shape[k] == 1) or None)
+            if plane.ndim != 2:
+                raise InputError(f"{stored.shape} holds no 2D plane")
+            m, peaks = predictor.predict_volume(plane, reference=reference)
+            mask, shown, shown_mask = m.reshape(stored.shape), plane, m
+            orientation = "single slice, as stored"
+        else:
+            mask_c, peaks = predictor.predict_volume(view, axis=-1, reference=reference)
+            mask = case.from_canonical(canonical, mask_c)
+            shown, shown_mask, letters = view, mask_c, RADIOLOGICAL_LETTERS
+            orientation = f"canonical {SLICE_AXCODES[: view.ndim]}, axial slices"
+    return mask, peaks, shown, shown_mask, orientation, letters
+
+
 def predict_case(
     predictor, path: Path | Input, output, axis: int | None = None, keep_largest: bool = False, stem: str | None = None
 ) -> dict:
@@ -235,7 +273,7 @@ def predict_case(
     for volumes)."""
     import numpy as np
 
-    from .writing import RADIOLOGICAL_LETTERS, OutputFolder, encode_outputs, overlay_png
+    from .writing import OutputFolder, encode_outputs, overlay_png
 
     given = _as_input(path)
     path = given.path
@@ -243,32 +281,8 @@ def predict_case(
     if case.note:
         print(f"note: {show(f'{given}: {case.note}')}", file=sys.stderr)
     stored = case.image[0].numpy()
-    reference = (float(np.nanmin(stored)), float(np.nanmax(stored))) if stored.size else (0.0, 0.0)
-    letters = None
     try:
-        if case.kind == "slice" or axis is not None:
-            view = stored
-            mask, peaks = predictor.predict_volume(view, axis=-1 if axis is None else axis, reference=reference)
-            stored_axis = -1 if axis is None else axis
-            shown, shown_mask = (
-                (view, mask) if view.ndim == 2 else (np.moveaxis(view, stored_axis, -1), np.moveaxis(mask, stored_axis, -1))
-            )
-            orientation = "as displayed" if case.kind == "slice" else f"voxel axis {axis} as stored"
-        else:
-            canonical = case.canonical()
-            view = canonical[0].numpy()
-            if view.ndim == 3 and 1 in view.shape[:2]:  # one sagittal or coronal slice: its own plane, as stored
-                plane = stored.squeeze(axis=tuple(k for k in range(stored.ndim) if stored.shape[k] == 1) or None)
-                if plane.ndim != 2:
-                    raise InputError(f"{stored.shape} holds no 2D plane")
-                m, peaks = predictor.predict_volume(plane, reference=reference)
-                mask, shown, shown_mask = m.reshape(stored.shape), plane, m
-                orientation = "single slice, as stored"
-            else:
-                mask_c, peaks = predictor.predict_volume(view, axis=-1, reference=reference)
-                mask = case.from_canonical(canonical, mask_c)
-                shown, shown_mask, letters = view, mask_c, RADIOLOGICAL_LETTERS
-                orientation = f"canonical {SLICE_AXCODES[: view.ndim]}, axial slices"
+        mask, peaks, shown, shown_mask, orientation, letters = case_mask(predictor, case, axis)
     except InputError as e:
         raise InputError(f"{given}: {e}") from None
     if keep_largest and mask.any():
@@ -317,26 +331,49 @@ def predict_case(
     return summary
 
 
+def predict_or_say_why(predictor, case, output, stem=None, axis=None, keep_largest=False, write=print) -> bool:
+    """:func:`predict_case`, and a case that fails gets one ``error:`` line (through ``write``)
+    instead of an exception, so a batch goes on. Returns whether the case was predicted."""
+    from .writing import OutputError
+
+    try:
+        predict_case(predictor, case, output, axis=axis, keep_largest=keep_largest, stem=stem)
+        return True
+    except (InputError, OutputError) as e:
+        write(f"error: {show(e)}", file=sys.stderr)
+    except Exception as e:  # anything else one case raises: its line, and the batch goes on
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        write(f"error: {show(f'{case}: {e.__class__.__name__}: {detail}')}", file=sys.stderr)
+    return False
+
+
 def predict_cases(predictor, cases: list, output, stems: dict | None = None, axis=None, keep_largest=False, progress=False):
     """Predict each case (a path or an :class:`Input`) into ``output`` (an :class:`OutputFolder`);
     a case that fails gets one ``error:`` line and the others go on. ``stems``: output stem per
     case (``str(case)`` keys). Returns the number of cases that failed."""
     from tqdm import tqdm
 
-    from .writing import OutputError
+    stems = stems or {}
+    ran = tqdm(cases, unit="case", disable=not progress or None)
+    return sum(not predict_or_say_why(predictor, c, output, stems.get(str(c)), axis, keep_largest, tqdm.write) for c in ran)
 
-    failed = 0
-    for case in tqdm(cases, unit="case", disable=not progress or None):
-        try:
-            predict_case(predictor, case, output, axis=axis, keep_largest=keep_largest, stem=(stems or {}).get(str(case)))
-        except (InputError, OutputError) as e:
-            failed += 1
-            tqdm.write(f"error: {show(e)}", file=sys.stderr)
-        except Exception as e:  # anything else one case raises: its line, and the batch goes on
-            failed += 1
-            detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            tqdm.write(f"error: {show(f'{case}: {e.__class__.__name__}: {detail}')}", file=sys.stderr)
-    return failed
+
+def case_engine(predictor, output, stems: dict, handlers: Sequence = ()):
+    """The bundle inference's engine: an ignite ``Engine`` that predicts one case per iteration
+    (:func:`predict_or_say_why`), so MONAI's and MLflow's handlers attach to it as to an
+    evaluator; ``engine.state.failed`` counts the cases that failed."""
+    from ignite.engine import Engine, Events
+
+    def step(engine, case) -> bool:
+        done = predict_or_say_why(predictor, case, output, stems.get(str(case)))
+        engine.state.failed += not done
+        return done
+
+    engine = Engine(step)
+    engine.add_event_handler(Events.STARTED, lambda e: setattr(e.state, "failed", 0))
+    for handler in handlers:
+        handler.attach(engine)
+    return engine
 
 
 def output_plan(cases: list, output_dir: str | Path | None) -> tuple[set[Path], dict[str, str]]:
@@ -378,34 +415,21 @@ def plan_lines(cases: list, stems: dict[str, str], output: Path) -> list[str]:
 
 def inference_inputs(input_dir: str | Path, output_dir: str | Path | None = None) -> dict:
     """The cases the bundle's ``inference.yaml`` predicts from ``input_dir`` (as ``find_cases``):
-    ``slices`` (PNG/JPG paths that decode, for MONAI's evaluator), ``volumes`` (NIfTI/DICOM cases,
-    for the predictor), ``stems`` (a unique output stem per case, keyed by ``str(case)``),
-    ``protected`` (the inputs, never overwritten) and ``failed`` (inputs refused, each with its
-    ``error:`` line printed here)."""
-    from .reading import readable_slices
-
+    ``cases``, ``stems`` (a unique output stem per case, keyed by ``str(case)``), ``protected``
+    (the inputs, never overwritten), ``refused`` (inputs refused before any case runs, each with
+    its ``error:`` line printed here) and ``found`` (all inputs)."""
     cases, errors, notes = find_cases([Path(input_dir)])
     for line in errors:
         print(f"error: {show(line)}", file=sys.stderr)
-    is_slice = [c.path.is_file() and c.path.name.lower().endswith(SLICE_SUFFIXES) for c in cases]
-    slices = [str(c) for c, s in zip(cases, is_slice) if s]
-    readable = readable_slices(slices)
     protected, stems = output_plan(cases, output_dir)
     for line in notes + series_notes(cases, stems):
         print(f"note: {show(line)}", file=sys.stderr)
-    return {
-        "slices": readable,
-        "volumes": [c for c, s in zip(cases, is_slice) if not s],
-        "stems": stems,
-        "protected": protected,
-        "failed": len(errors) + len(slices) - len(readable),
-        "found": len(cases) + len(errors),
-    }
+    return {"cases": cases, "stems": stems, "protected": protected, "refused": len(errors), "found": len(cases) + len(errors)}
 
 
-def report_inference(inputs: dict, output_dir, volume_failures: int = 0) -> None:
+def report_inference(inputs: dict, output_dir, failures: int = 0) -> None:
     """The bundle inference's last line; exit status 1 if any input failed (after the others)."""
-    failed = inputs["failed"] + volume_failures
+    failed = inputs["refused"] + failures
     print(f"{inputs['found'] - failed} of {inputs['found']} inputs predicted into {output_dir}")
     if failed:
         raise SystemExit(1)
@@ -493,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # a folder that cannot be written at all: one line, before any case is predicted
         folder.prepare()
     except OutputError as e:
-        print(f"error: {show(e)}; nothing was predicted, nothing there changed", file=sys.stderr)
+        print(f"error: {show(e)}", file=sys.stderr)
         return 2
     for line in plan_lines(cases, stems, args.output):
         print(line, flush=True)

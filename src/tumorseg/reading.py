@@ -143,23 +143,6 @@ def read_slice(path: Path):
         raise InputError(f"{path}: unreadable image ({e.__class__.__name__}: {e})") from None
 
 
-def readable_slices(paths: list[str]) -> list[str]:
-    """The PNG/JPG files of ``paths`` that decode fully; for each other one an ``error:`` line on
-    stderr (the bundle's inference config predicts the rest instead of stopping at one)."""
-    import sys
-
-    from .files import show
-
-    good = []
-    for path in paths:
-        try:
-            read_slice(Path(path))
-            good.append(path)
-        except InputError as e:
-            print(f"error: {show(e)}", file=sys.stderr)
-    return good
-
-
 def read_nifti(path: Path) -> Case:
     """A NIfTI (or other nibabel) volume through MONAI's ``NibabelReader``: RAS affine, float32.
     A 4D file must hold one volume (a time series is refused: which frame would be meant?)."""

@@ -182,7 +182,8 @@ class OutputFolder:
             self.root.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=self.root).close()
         except OSError as e:
-            raise OutputError(f"{self.root}: cannot write: {write_problem(e)}") from None
+            problem = f"{self.root}: cannot write: {write_problem(e)}"
+            raise OutputError(f"{problem}; nothing was predicted, nothing there changed") from None
 
     def claim(self, paths: list) -> None:
         """Before a writer that is not ours (the bundle's ``SaveImaged``) runs: one ``error:`` line
