@@ -126,3 +126,26 @@ PACS_DICOM_PORT ?= 4242
 .PHONY: pacs-serve
 pacs-serve: setup
 	$(BIN)/python tests/pacs_server.py $(PACS_DIR) $(PACS_PORT) $(PACS_DICOM_PORT)
+
+# MONAI Label on the PACS: the local Orthanc of `make pacs-serve` (in the background, stopped
+# with this target; one sample MR series stored on it where it holds none, unless PACS_SAMPLE=0)
+# and MONAI Label with --studies on its DICOMweb root PACS_ROOT, on http://127.0.0.1:ML_PORT:
+# the MR series listed, /infer predicts one as a volume (as tumorseg-predict does), a final label
+# saved is stored back on the PACS as a DICOM SEG, /train trains on the labelled series. The
+# login of TUMORSEG_DICOMWEB_USER and TUMORSEG_DICOMWEB_PASSWORD (set them) serves both; MONAI
+# Label's DICOM cache in PACS_LABEL_CACHE.
+PACS_SAMPLE ?= 1
+PACS_LABEL_CACHE ?= runs/pacs-label-cache
+PACS_ROOT = http://127.0.0.1:$(PACS_PORT)/dicom-web
+.PHONY: pacs-label
+pacs-label: setup monailabel-venv monailabel-app
+	@test -n "$$TUMORSEG_DICOMWEB_USER" -a -n "$$TUMORSEG_DICOMWEB_PASSWORD" || \
+	    { echo "set TUMORSEG_DICOMWEB_USER and TUMORSEG_DICOMWEB_PASSWORD (the PACS login)"; exit 2; }
+	$(BIN)/python tests/pacs_server.py $(PACS_DIR) $(PACS_PORT) $(PACS_DICOM_PORT) & orthanc=$$!; \
+	trap 'kill $$orthanc 2>/dev/null' EXIT INT TERM; \
+	PYTHONPATH=tests $(BIN)/python -c "import os; import pacs_server as p; \
+	    login = (os.environ['TUMORSEG_DICOMWEB_USER'], os.environ['TUMORSEG_DICOMWEB_PASSWORD']); \
+	    p.wait_until_serving('$(PACS_ROOT)', login); $(if $(filter 1,$(PACS_SAMPLE)),p.ensure_sample_series('$(PACS_ROOT)', login))" || exit 1; \
+	PATH=$(abspath $(ML_VENV))/bin:$$PATH TUMORSEG_CORS_ORIGINS=http://127.0.0.1:$(ML_PORT) MONAI_LABEL_DICOMWEB_CACHE_PATH=$(PACS_LABEL_CACHE) \
+	    $(ML_VENV)/bin/monailabel start_server --app monailabel_app \
+	    --studies $(PACS_ROOT) --host 127.0.0.1 --port $(ML_PORT) --conf models brain_tumor_mri_seg

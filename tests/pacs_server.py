@@ -133,6 +133,66 @@ def orthanc(
         log.close()
 
 
+def store_sample_series(
+    root: str, login: tuple[str, str], folder: Path, slices: int = 4, affine=None, **attributes
+) -> tuple[str, str]:
+    """The embedded sample's first test slices (256 px), stacked, as an MR series written by
+    ``data_tools.nifti_to_dicom`` into ``folder`` with ``affine`` (voxel -> RAS; default: the
+    slices as displayed, axial, 1 mm), each instance changed by ``attributes``, stored by STOW-RS
+    on the DICOMweb ``root``; returns (StudyInstanceUID, SeriesInstanceUID). ``make pacs-label``
+    stores one to label."""
+    import numpy as np
+    import pydicom
+    from dicomweb_client import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+    from PIL import Image
+
+    from data_tools.nifti_to_dicom import write_series
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "brain-tumor-coco-sample" / "test"
+    images = [np.asarray(Image.open(p).convert("L").resize((256, 256)), dtype=np.float32) for p in sorted(sample.glob("*.jpg"))]
+    if affine is None:  # (x = columns, y = rows) of each slice, LPS: displayed as it is
+        volume, affine = np.stack([im.T for im in images[:slices]], -1), np.diag([-1.0, -1.0, 1.0, 1.0])
+    else:  # (rows, columns) as stored; the affine says where they lie
+        volume = np.stack(images[:slices], -1)
+    datasets = [pydicom.dcmread(f) for f in write_series(volume, np.asarray(affine, dtype=float), folder)]
+    for ds in datasets:
+        for name, value in attributes.items():
+            setattr(ds, name, value)
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    web = DICOMwebClient(root, session=create_session_from_user_pass(*login))
+    answer = web.store_instances(datasets)
+    if len(answer.ReferencedSOPSequence) != len(datasets):
+        raise RuntimeError(f"{root}: stored {len(answer.ReferencedSOPSequence)} of {len(datasets)} instances")
+    return str(datasets[0].StudyInstanceUID), str(datasets[0].SeriesInstanceUID)
+
+
+def wait_until_serving(root: str, login: tuple[str, str], timeout: float = 60) -> None:
+    """Return once the DICOMweb ``root`` answers a QIDO-RS search with ``login``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            requests.get(f"{root}/studies", auth=login, timeout=2).raise_for_status()
+            return
+        except requests.RequestException:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{root}: no answer to QIDO-RS within {timeout:g} s") from None
+            time.sleep(0.5)
+
+
+def ensure_sample_series(root: str, login: tuple[str, str]) -> None:
+    """Where the server holds no MR series: one of the sample (:func:`store_sample_series`)."""
+    import tempfile
+
+    answer = requests.get(f"{root}/series", params={"Modality": "MR"}, auth=login, timeout=30)
+    answer.raise_for_status()
+    if answer.status_code == 200 and answer.content.strip() not in (b"", b"[]"):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        study, series = store_sample_series(root, login, Path(tmp) / "series")
+    print(f"stored a sample MR series on {root}: study {study}, series {series}")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     login = os.environ.get("TUMORSEG_DICOMWEB_USER"), os.environ.get("TUMORSEG_DICOMWEB_PASSWORD")
