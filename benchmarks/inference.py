@@ -25,7 +25,7 @@ def inference_rows(checkpoint: Path, image_size: int, repeat: int, min_seconds: 
     (flip TTA around the window, when inference.yaml enables it); and the latency of a random
     volume through tumorseg-predict's whole path (zoom, inferer, threshold, zoom back)."""
     from benchmarks.common import Row, seconds_per_call
-    from tumorseg.predictor import Predictor
+    from tumorseg.inference.predictor import Predictor
 
     predictor = Predictor.from_bundle(checkpoint=checkpoint, overrides={"image_size": image_size})
     device, network, configured = predictor.device, predictor.network, predictor.inferer
@@ -121,7 +121,7 @@ def command_seconds(volume_path: Path, tta: bool, out: Path) -> float:
 
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "tumorseg.predict", str(volume_path), "-o", str(out), "--tta" if tta else "--no-tta"],
+        [sys.executable, "-m", "tumorseg.inference.predict", str(volume_path), "-o", str(out), "--tta" if tta else "--no-tta"],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -132,7 +132,7 @@ def main() -> None:
     import tempfile
 
     from benchmarks.common import seconds_per_call
-    from tumorseg.predictor import Predictor
+    from tumorseg.inference.predictor import Predictor
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, required=True)

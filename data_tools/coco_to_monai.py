@@ -101,7 +101,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from tumorseg.files import show
+from tumorseg.io.files import show
 
 DATALIST_NAME = "datalist.json"
 ANNOTATION_NAME = "_annotations.coco.json"

@@ -31,7 +31,7 @@ healthy MRI to be had offline:
   the skull, contrast and framing of the training data, and no tumour. Trained on, such slices
   cost Dice (``docs/README.md``), so they only measure in-domain specificity.
 
-Every volume is put in the canonical slice orientation first (``tumorseg.reading``), so its
+Every volume is put in the canonical slice orientation first (``tumorseg.io.reading``), so its
 slices look like the ones the predictor will feed the network.
 
 Output (``OUT``): ``images/<source>/*.png``, ``labels/<source>/*.png`` (8-bit) and
@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.files import write_atomic
+from tumorseg.io.files import write_atomic
 
 SIZE = 256  # negatives are written at the network's resolution; the bundle zooms anyway
 
@@ -115,7 +115,7 @@ def canonical_volume(path: Path, frame: int = 0) -> np.ndarray:
 
     import nibabel as nib
 
-    from tumorseg.reading import read_case
+    from tumorseg.io.reading import read_case
 
     img = nib.load(path)
     if len(img.shape) > 3 or not path.name.endswith((".nii", ".nii.gz")):  # through a 3D NIfTI copy
@@ -259,7 +259,7 @@ def real_part(path: Path, split: tuple[float, float]) -> str:
 
 def slice_files(folder: Path) -> list[Path]:
     """The PNG/JPG files of a folder, sorted; an unreadable folder is one line and exit 1."""
-    from tumorseg.reading import SLICE_SUFFIXES
+    from tumorseg.io.reading import SLICE_SUFFIXES
 
     if not folder.is_dir():
         raise SystemExit(f"error: {folder}: not a folder of PNG/JPG slices")
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         heldout += items
         counts[source] = len(items)
 
-    from tumorseg.reading import InputError, read_slice
+    from tumorseg.io.reading import InputError, read_slice
 
     real: dict[str, list] = {"training": [], "healthy_select": [], "healthy_real": []}
     for folder in args.real:

@@ -18,10 +18,10 @@ import torch
 
 
 def load_states(paths: list[Path]) -> list[dict]:
-    """The state dicts of ``paths`` (``tumorseg.predictor.read_state``), which must all hold the
+    """The state dicts of ``paths`` (``tumorseg.inference.predictor.read_state``), which must all hold the
     parameters of one network."""
-    from tumorseg.predictor import read_state
-    from tumorseg.reading import InputError
+    from tumorseg.inference.predictor import read_state
+    from tumorseg.io.reading import InputError
 
     try:
         states = [read_state(path) for path in paths]

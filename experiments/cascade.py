@@ -4,14 +4,14 @@
     python -m experiments.cascade --dataset_dir runs/kaggle-full --out runs/screen --refiner <weights>
 
 Issue "Model quality II"; nnU-Net's cascade idea. Stage 1 is the bundle's model as shipped
-(``tumorseg.predictor.Predictor``: flip TTA, box fit, presence gate, the refinement off): it says
+(``tumorseg.inference.predictor.Predictor``: flip TTA, box fit, presence gate, the refinement off): it says
 whether a slice holds a tumour and where. Stage 2 (``refiner_def`` of ``common.yaml``) sees only a
-square window around stage 1's box (``tumorseg.refine``), cut from the slice at the network's
+square window around stage 1's box (``tumorseg.postprocessing.refine``), cut from the slice at the network's
 ``image_size`` and resized to ``--crop_size``: the tumour fills a fixed share of its input whatever
 its size. It is trained by the bundle itself (``configs/train_refiner.yaml`` through
 ``python -m monai.bundle run training``: windows around the true boxes, jittered in place and size
 as stage 1's boxes are, flips and quarter turns, the poster's loss with the Dice per image); its
-probability map, through the same box fit, gives the final box (``tumorseg.refine.BoxRefined``, as
+probability map, through the same box fit, gives the final box (``tumorseg.postprocessing.refine.BoxRefined``, as
 in the bundle). ``--refiner`` screens weights trained before instead.
 
 Written to ``--out``: ``models/`` and ``eval/`` (the bundle training's checkpoints, metrics and
@@ -37,15 +37,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
 
-from tumorseg.files import write_atomic  # noqa: E402
-from tumorseg.refine import BoxRefined, bbox, resized  # noqa: E402  (the bundle's code, one definition)
+from tumorseg.io.files import write_atomic  # noqa: E402
+from tumorseg.postprocessing.refine import BoxRefined, bbox, resized  # noqa: E402  (the bundle's code, one definition)
 
 
 def load_split(dataset_dir: Path, key: str, source_size: int):
     """The split's slices scaled to [0, 1] and resized to ``source_size``, with their labels."""
     from monai.data import load_decathlon_datalist
 
-    from tumorseg.reading import read_slice
+    from tumorseg.io.reading import read_slice
 
     items = load_decathlon_datalist(str(dataset_dir / "datalist.json"), data_list_key=key, base_dir=str(dataset_dir))
     out = []
@@ -70,7 +70,7 @@ def stage1_boxes(dataset_dir: Path, valid, path: Path) -> dict:
     """Stage 1's box per slice of ``valid`` (the shipped predictor), cached in ``path``."""
     if path.is_file():
         return json.loads(path.read_text())
-    from tumorseg.predictor import Predictor
+    from tumorseg.inference.predictor import Predictor
 
     predictor = Predictor.from_bundle(BUNDLE, overrides={"refine": False})
     boxes = {}
@@ -196,7 +196,7 @@ def log_run(args, summary: dict, history: list[float], weights: Path) -> None:
     from mlflow.entities import Metric, Param
 
     from experiments.components import run_of_weights
-    from tumorseg.files import file_digest
+    from tumorseg.io.files import file_digest
 
     client, run = run_of_weights(args.tracking_dir, args.experiment, BUNDLE / "models" / "model.pt", "cascade", args.name)
     now = int(time.time() * 1000)

@@ -17,8 +17,8 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
-from tumorseg.files import file_digest
-from tumorseg.tracking import open_store, training_run_id
+from tumorseg.io.files import file_digest
+from tumorseg.tracking.tracker import open_store, training_run_id
 
 __all__ = ["CategoryAwareLoss", "LowResolutionEpochs", "MeanEnsemble", "TumourFromCategories", "run_of_weights", "tumour_logit"]
 
@@ -43,7 +43,7 @@ class TumourFromCategories(nn.Module):
     one-channel tumour network.
 
     The Kaggle boxes carry two tumour categories that look different (1: diffuse, larger boxes;
-    2: compact). Trained on the categories (:class:`tumorseg.losses.CategoryAwareLoss`), the network
+    2: compact). Trained on the categories (:class:`tumorseg.training.losses.CategoryAwareLoss`), the network
     learns them apart; everything downstream (the sigmoid post-processing, presence gate, box fit,
     metrics, ONNX export, MONAI Label) keeps seeing the one tumour logit of :func:`tumour_logit`.
     As MONAI's ``DynUNet`` does with its deep-supervision heads, the extra outputs exist in training
@@ -118,7 +118,7 @@ class CategoryAwareLoss(_Loss):
         """
         Args:
             tumour_loss: the loss of the tumour logit against the 0/1 tumour mask
-                (e.g. :class:`tumorseg.losses.PosterDiceFocalLoss`).
+                (e.g. :class:`tumorseg.training.losses.PosterDiceFocalLoss`).
             w_category: weight of the cross-entropy, >= 0 (0: the categories teach nothing).
 
         Raises:

@@ -25,7 +25,7 @@ def main() -> None:
 
     import torch
 
-    from tumorseg.files import write_atomic
+    from tumorseg.io.files import write_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("weights", nargs="+", type=Path)

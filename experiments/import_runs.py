@@ -7,7 +7,7 @@ and tags saying where and at which commit the run trained.
 
 Used for runs made on machines without MLflow (the recipe runs on the device GPU). A run whose
 checkpoint is given gets its SHA-256 as ``checkpoint_sha256``, so evaluate runs of that model
-nest under it in the UI (tumorseg.tracking), and the checkpoint as its MLflow model, registered
+nest under it in the UI (tumorseg.tracking.tracker), and the checkpoint as its MLflow model, registered
 as ``brain_tumor_mri_seg`` (as a tracked training run does). Re-importing the same folder adds nothing.
 """
 
@@ -51,8 +51,8 @@ def main() -> None:
 
     from mlflow.entities import Metric, Param
 
-    from tumorseg.files import file_digest
-    from tumorseg.tracking import open_store
+    from tumorseg.io.files import file_digest
+    from tumorseg.tracking.tracker import open_store
 
     checkpoints = dict(kv.split("=", 1) for kv in args.checkpoint)
     client, experiment_id = open_store(args.tracking_dir, args.experiment)
@@ -105,7 +105,7 @@ def main() -> None:
             from monai.bundle import ConfigParser
 
             from experiments.recipes import config_files
-            from tumorseg.tracking import log_bundle_model
+            from tumorseg.tracking.tracker import log_bundle_model
 
             parser = ConfigParser()
             parser.read_config([str(REPO / f) for f in config_files(record["recipe"])])

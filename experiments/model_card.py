@@ -107,7 +107,7 @@ def examples_png(dataset_dir: Path, path: Path, count: int = 4) -> None:
     """Image | ground truth | prediction for evenly spaced `valid` cases, like the poster's figure 5."""
     from PIL import Image, ImageDraw
 
-    from tumorseg.predictor import Predictor
+    from tumorseg.inference.predictor import Predictor
 
     items = json.loads((dataset_dir / "datalist.json").read_text())["validation"]
     picks = [items[i] for i in np.linspace(0, len(items) - 1, count).astype(int)]

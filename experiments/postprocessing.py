@@ -4,14 +4,14 @@
         [--split validation] [--tracking_dir mlflow] [--checkpoint <model.pt>] [--output table.md]
 
 The network runs once per slice, with and without flip TTA (the bundle's preprocessing,
-network and ``tumorseg.inferers.FlipTTAInferer``); every rule below then turns the same
+network and ``tumorseg.inference.inferers.FlipTTAInferer``); every rule below then turns the same
 probabilities into a mask, and each is scored by per-image tumour Dice and IoU at network
 resolution (what ``evaluate`` reports):
 
 - ``threshold_<t>``: ``p > t``;
 - ``largest_component``: MONAI's ``KeepLargestConnectedComponent`` after ``p > 0.5``;
 - ``largest_component_bbox``: the bounding box of that component (the labels are boxes);
-- ``expected_dice_box``: ``tumorseg.transforms.ExpectedDiceBox`` (the bundle's ``box_fit``);
+- ``expected_dice_box``: ``tumorseg.postprocessing.transforms.ExpectedDiceBox`` (the bundle's ``box_fit``);
 - ``expected_dice_box_x<f>``: that box with its sides scaled by ``f`` about its centre, a probe
   of whether the boxes have a systematic size error.
 
@@ -45,7 +45,7 @@ def probabilities(dataset_dir: Path, split: str, checkpoint: Path) -> tuple[dict
     from monai.transforms import Compose
 
     from tumorseg.bundle import parser as bundle_parser
-    from tumorseg.inferers import FlipTTAInferer
+    from tumorseg.inference.inferers import FlipTTAInferer
 
     parser = bundle_parser("train", BUNDLE)
     items = load_decathlon_datalist(str(dataset_dir / "datalist.json"), data_list_key=split, base_dir=str(dataset_dir))
@@ -96,7 +96,7 @@ def rules() -> dict:
     """Name -> function from one (H, W) probability map to a boolean mask."""
     from monai.transforms import KeepLargestConnectedComponent
 
-    from tumorseg.transforms import ExpectedDiceBox
+    from tumorseg.postprocessing.transforms import ExpectedDiceBox
 
     largest = KeepLargestConnectedComponent(applied_labels=[1], connectivity=2)
     box_fit = ExpectedDiceBox()

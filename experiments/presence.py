@@ -6,7 +6,7 @@ none. One MLflow run (``presence_<name>``), nested under the training run of the
 
 ``--dataset_dir`` is the output of ``python -m data_tools.healthy`` (its ``validation`` list:
 Kaggle ``valid``, all tumour slices; ``healthy``: held-out healthy slices). Measured, through
-``tumorseg.predictor.Predictor`` at the inference defaults (flip TTA, box fit), for every
+``tumorseg.inference.predictor.Predictor`` at the inference defaults (flip TTA, box fit), for every
 presence threshold ``min_peak`` in ``MIN_PEAKS`` and 3D rule ``min_run`` in ``MIN_RUNS``:
 
 - on ``valid``: per-image tumour Dice at each slice's own size, and slice-level sensitivity (the
@@ -20,7 +20,7 @@ presence threshold ``min_peak`` in ``MIN_PEAKS`` and 3D rule ``min_run`` in ``MI
 The network runs once per slice at the lowest ``min_peak`` (the box fit cuts its boxes at fixed
 levels, so its box does not depend on ``min_peak``); a higher ``min_peak`` only clears slices
 whose peak probability is below it, and ``min_run`` only clears tumours spanning fewer
-slices (``tumorseg.predictor.drop_short_tumours``), so every setting is read from the same pass.
+slices (``tumorseg.inference.predictor.drop_short_tumours``), so every setting is read from the same pass.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def healthy_volumes(tmp: Path) -> dict[str, Path]:
 def slice_records(predictor, items: list[dict], quarter_turns: int = 0) -> list[dict]:
     """Per slice: peak probability, and the Dice of its mask against its label; with
     ``quarter_turns``, of the slice and its label turned that many times by 90 degrees."""
-    from tumorseg.reading import read_slice
+    from tumorseg.io.reading import read_slice
 
     rows = []
     for item in items:
@@ -93,7 +93,7 @@ def slice_records(predictor, items: list[dict], quarter_turns: int = 0) -> list[
 
 def volume_records(predictor, volumes: dict[str, Path]) -> dict[str, dict]:
     """Per volume: the canonical mask at the lowest ``min_peak``, each axial slice's peak, the voxel volume in mm³."""
-    from tumorseg.reading import read_case
+    from tumorseg.io.reading import read_case
 
     out = {}
     for name, path in volumes.items():
@@ -115,7 +115,7 @@ REAL_LISTS = {  # data_tools.healthy --real/--other-tumours: list -> the figure 
 
 def table(slices_valid, slices_healthy, volumes, real: dict | None = None) -> list[dict]:
     """One row per (min_peak, min_run); ``real``: records of the REAL_LISTS present."""
-    from tumorseg.predictor import drop_short_tumours
+    from tumorseg.inference.predictor import drop_short_tumours
 
     rows = []
     for min_peak in MIN_PEAKS:
@@ -167,7 +167,7 @@ def main() -> None:
 
     from monai.data import load_decathlon_datalist
 
-    from tumorseg.predictor import Predictor
+    from tumorseg.inference.predictor import Predictor
 
     start = time.time()
     settings = dict(s.split("=", 1) for s in args.set)

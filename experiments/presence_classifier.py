@@ -1,4 +1,4 @@
-"""Fit the learned presence decision (``tumorseg.presence.PresenceClassifier``) for one set of
+"""Fit the learned presence decision (``tumorseg.postprocessing.presence.PresenceClassifier``) for one set of
 weights, choose its threshold, and measure it against the peak gate. One MLflow run
 (``presence_classifier_<name>``), nested under the training run of the weights.
 
@@ -29,8 +29,8 @@ BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
 
 def features_of(predictor, items: list[dict], limit: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Feature rows and slice labels (1 tumour) of datalist items, through ``predictor``'s network."""
-    from tumorseg.presence import presence_features
-    from tumorseg.reading import read_slice
+    from tumorseg.io.reading import read_slice
+    from tumorseg.postprocessing.presence import presence_features
 
     items = items[:limit] if limit else items
     rows, labels = [], []
@@ -59,8 +59,8 @@ def main() -> None:
 
     from monai.data import load_decathlon_datalist
 
-    from tumorseg.predictor import Predictor
-    from tumorseg.presence import FEATURES, PresenceClassifier
+    from tumorseg.inference.predictor import Predictor
+    from tumorseg.postprocessing.presence import FEATURES, PresenceClassifier
 
     start = time.time()
     predictor = Predictor.from_bundle(BUNDLE, args.checkpoint, {"runtime": "torch"}, tta=True)

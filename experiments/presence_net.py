@@ -36,7 +36,7 @@ def pairs(predictor, items: list[dict]) -> np.ndarray:
     import torch
     from monai.transforms import Resize, ResizeWithPadOrCrop
 
-    from tumorseg.reading import read_slice
+    from tumorseg.io.reading import read_slice
 
     out = np.zeros((len(items), 2, SIZE, SIZE), np.float16)
     shrink, square = Resize(SIZE, size_mode="longest", mode="area"), ResizeWithPadOrCrop((SIZE, SIZE))
@@ -64,7 +64,7 @@ def main() -> None:
     from monai.data import load_decathlon_datalist
     from monai.networks.nets import Classifier
 
-    from tumorseg.predictor import Predictor
+    from tumorseg.inference.predictor import Predictor
 
     args.out.mkdir(parents=True, exist_ok=True)
     datalist = str(args.dataset_dir / "datalist.json")

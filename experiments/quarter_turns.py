@@ -5,7 +5,7 @@
 The Kaggle slices come in every quarter turn, and PNG/JPG slices are predicted as they come, so a
 model should not depend on how a slice is turned. Each slice of the ``validation`` list is
 predicted upright and turned by 90 degrees (``numpy.rot90``, its box turned with it) through
-``tumorseg.predictor.Predictor`` at the inference defaults (flip TTA, box fit, presence gate), and
+``tumorseg.inference.predictor.Predictor`` at the inference defaults (flip TTA, box fit, presence gate), and
 scored at its own size. One JSON row per checkpoint and turn: Dice and slice sensitivity.
 """
 
@@ -25,7 +25,7 @@ def measure(dataset_dir: Path, checkpoint: Path, limit: int | None = None) -> li
     from monai.data import load_decathlon_datalist
 
     from experiments.presence import slice_records  # experiments/presence.py: the same per-slice Dice
-    from tumorseg.predictor import Predictor
+    from tumorseg.inference.predictor import Predictor
 
     items = load_decathlon_datalist(dataset_dir / "datalist.json", data_list_key="validation", base_dir=dataset_dir)[:limit]
     predictor = Predictor.from_bundle(BUNDLE, checkpoint, {"runtime": "torch"}, tta=True, box_fit=True)
@@ -51,7 +51,7 @@ def main() -> None:
             lines.append(json.dumps(row))
             print(lines[-1], flush=True)
     if args.output:
-        from tumorseg.files import write_atomic
+        from tumorseg.io.files import write_atomic
 
         write_atomic(args.output, "".join(line + "\n" for line in lines).encode())
 

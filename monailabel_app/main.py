@@ -59,7 +59,7 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.tasks.scoring.epistemic_v2 import EpistemicScoring
 from monailabel.tasks.train.bundle import BundleTrainTask
 
-from tumorseg.files import file_digest
+from tumorseg.io.files import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def mask_nifti(case, mask) -> bytes:
     header, for NIfTI), uint8 0/1."""
     import numpy as np
 
-    from tumorseg.writing import nifti_gz_bytes
+    from tumorseg.io.writing import nifti_gz_bytes
 
     if case.kind == "nifti":
         shape = case.nifti.shape
@@ -136,7 +136,7 @@ def read_label(case, path):
     import nibabel as nib
     import numpy as np
 
-    from tumorseg.reading import InputError
+    from tumorseg.io.reading import InputError
 
     try:
         img = nib.load(str(path))
@@ -159,7 +159,7 @@ def seg_mask(seg, case):
     ``case``: each frame put on the slice at its ImagePositionPatient. Raises ``InputError``."""
     import numpy as np
 
-    from tumorseg.reading import InputError
+    from tumorseg.io.reading import InputError
 
     shape = tuple(case.image.shape[1:])
     if (int(seg.Columns), int(seg.Rows)) != shape[:2]:
@@ -190,8 +190,8 @@ def volume_slices(image, label, folder: Path) -> list[dict]:
     from monai.data import MetaTensor
     from PIL import Image
 
-    from tumorseg.reading import Case, read_case
-    from tumorseg.writing import png_bytes
+    from tumorseg.io.reading import Case, read_case
+    from tumorseg.io.writing import png_bytes
 
     case = read_case(Path(image))
     mask = read_label(case, label)
@@ -220,7 +220,7 @@ def volume_slices(image, label, folder: Path) -> list[dict]:
 
 # ---- the PACS: MONAI Label's DICOMweb datastore, a series kept as its folder of DICOM files ----
 UID = re.compile(r"[0-9]+(\.[0-9]+)*")
-TIMEOUT_ENV = "TUMORSEG_DICOMWEB_TIMEOUT"  # seconds to connect and between bytes (tumorseg.dicomweb's)
+TIMEOUT_ENV = "TUMORSEG_DICOMWEB_TIMEOUT"  # seconds to connect and between bytes (tumorseg.inference.dicomweb's)
 
 
 class PacsError(HTTPException):
@@ -414,7 +414,7 @@ class SeriesDatastore(DICOMWebDatastore):
             return local
         import pydicom
 
-        from tumorseg.reading import InputError, read_case
+        from tumorseg.io.reading import InputError, read_case
 
         folder = self.get_image_uri(image_id)
         info = self._series(label_id)
@@ -439,7 +439,7 @@ class SeriesDatastore(DICOMWebDatastore):
         from monailabel.datastore.utils.convert import binary_to_image, nifti_to_dicom_seg
         from monailabel.datastore.utils.dicom import dicom_web_upload_dcm
 
-        from tumorseg.reading import InputError, read_case
+        from tumorseg.io.reading import InputError, read_case
 
         folder = self.get_image_uri(image_id)
         converted = ""
@@ -529,7 +529,7 @@ class Bundle2DInferTask(BundleInferTask):
     def volume_predictor(self):
         """The bundle's ``predictor`` (inference.yaml, as ``tumorseg-predict`` builds it) with the
         weights /infer serves (model versioning), built once per weights file and version."""
-        from tumorseg.predictor import Predictor
+        from tumorseg.inference.predictor import Predictor
 
         checkpoint = Path(self.get_path())
         key = (str(self.bundle_path), str(checkpoint), checkpoint.stat().st_mtime_ns)
@@ -542,8 +542,8 @@ class Bundle2DInferTask(BundleInferTask):
     def infer_volume(self, request):
         """A DICOM series folder or a NIfTI volume predicted as ``tumorseg-predict`` predicts it:
         the mask in the input's geometry, a NIfTI (uint8 0/1), as its ``<name>_seg.nii.gz``."""
-        from tumorseg.predict import case_mask
-        from tumorseg.reading import InputError, read_case
+        from tumorseg.inference.predict import case_mask
+        from tumorseg.io.reading import InputError, read_case
 
         start = time.time()
         try:

@@ -175,7 +175,7 @@ def test_predict_bad_inputs(trained, tmp_path):
 
     result = run_cli(
         "-m",
-        "tumorseg.predict",
+        "tumorseg.inference.predict",
         str(bad),
         str(tmp_path / "folder.png"),
         str(tmp_path / "loop"),

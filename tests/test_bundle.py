@@ -61,7 +61,7 @@ def test_best_and_last_checkpoints(trained):
 def test_resume_with_the_run_id_that_monai_label_calls(trained, converted_sample, tmp_path):
     import shutil
 
-    from tumorseg.files import newest
+    from tumorseg.io.files import newest
 
     shutil.copytree(trained / "models", tmp_path / "models")  # leave the shared run as it is
     result = check(

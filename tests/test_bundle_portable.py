@@ -100,7 +100,7 @@ def test_bundle_inference_and_tumorseg_predict_give_identical_masks(tmp_path):
                 "--input_dir", str(folder), "--output_dir", str(out), cwd=tmp_path,
             )
         )  # fmt: skip
-    check(run_cli("-m", "tumorseg.predict", str(inputs), str(series), "-o", str(predict_out), "--no-progress"))
+    check(run_cli("-m", "tumorseg.inference.predict", str(inputs), str(series), "-o", str(predict_out), "--no-progress"))
 
     pairs = [(bundle_out / f"{p.stem}_seg.png", predict_out / f"{p.stem}_seg.png") for p in slices[:2]]
     pairs += [(bundle_out / "wide_seg.png", predict_out / "wide_seg.png")]

@@ -36,7 +36,7 @@ def test_recipe_runs_import_into_mlflow_with_params_curves_and_the_shipped_check
     assert runs["dice_only"].data.params["loss_w_focal"] == "0.0"
     assert runs["dynunet_ds"].info.status == "KILLED" and default.info.status == "FINISHED"
 
-    from tumorseg.files import file_digest
+    from tumorseg.io.files import file_digest
 
     assert default.data.tags["checkpoint_sha256"] == file_digest(weights, None)  # evaluate runs of it nest here
     # the shipped weights as the run's MLflow model, registered
@@ -113,7 +113,7 @@ def test_dice_both_trains_with_the_posters_loss_plus_a_per_image_dice_term(conve
 
     from tumorseg.bundle import config_files
     from tumorseg.bundle import parser as bundle_parser
-    from tumorseg.losses import PosterDiceFocalLoss
+    from tumorseg.training.losses import PosterDiceFocalLoss
 
     parser = bundle_parser("train", BUNDLE)
     parser.read_config([*config_files("train", BUNDLE), str(REPO / "configs" / "experiments" / "dice_both.yaml")])
@@ -264,7 +264,7 @@ def test_cascade_screen_refines_stage_one_boxes_and_logs_an_mlflow_run(converted
     """experiments/cascade.py: stage 2 trains through the bundle (configs/train_refiner.yaml) on
     windows around the true boxes, then refines the shipped model's boxes on `valid`; the three
     per-image Dice figures land in summary.json and in one MLflow run, linked to the training run."""
-    from tumorseg.tracking import open_store
+    from tumorseg.tracking.tracker import open_store
 
     out, store = tmp_path / "cascade", tmp_path / "mlflow"
     script = ("-m", "experiments.cascade")

@@ -31,7 +31,7 @@ def bundle_snapshot() -> dict[str, str]:
 
 
 def export_cli(out: Path, *args: str):
-    return run_cli("-m", "tumorseg.export", str(out), *args, timeout=300)
+    return run_cli("-m", "tumorseg.export.bundle_copy", str(out), *args, timeout=300)
 
 
 def ok(result):
@@ -183,7 +183,7 @@ def test_an_export_killed_at_any_moment_leaves_the_previous_one_whole(previous):
 
     before = snapshot(previous)
     for delay in (0.5, 1.5, 2.5, 3.5, 5.0):
-        proc = subprocess.Popen([sys.executable, "-m", "tumorseg.export", str(previous.parent)], cwd=REPO,
+        proc = subprocess.Popen([sys.executable, "-m", "tumorseg.export.bundle_copy", str(previous.parent)], cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)

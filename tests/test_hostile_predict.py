@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from data_tools.nifti_to_dicom import write_series
-from tumorseg.predict import output_stems
+from tumorseg.inference.predict import output_stems
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,9 @@ ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
 
 def predict(trained, *args, extra=(), checkpoint=None):
     ckpt = checkpoint or trained / "models" / "model.pt"
-    return run_cli("-m", "tumorseg.predict", *map(str, args), "--checkpoint", str(ckpt), *SMALL_NET, "--no-progress", *extra)
+    return run_cli(
+        "-m", "tumorseg.inference.predict", *map(str, args), "--checkpoint", str(ckpt), *SMALL_NET, "--no-progress", *extra
+    )
 
 
 def errors(result) -> list[str]:
@@ -204,7 +206,7 @@ def test_write_failures_and_bad_settings_are_one_line(trained, tmp_path):
     assert as_file.returncode == 2 and len(errors(as_file)) == 1
     under_file = predict(trained, GOOD_JPG, "-o", tmp_path / "file" / "out")  # nothing can be written: nothing runs
     assert under_file.returncode == 2 and len(errors(under_file)) == 1 and "cannot write: a part of" in errors(under_file)[0]
-    bad_setting = run_cli("-m", "tumorseg.predict", str(GOOD_JPG), "-o", str(tmp_path / "o"), "--set", "image_size=abc")
+    bad_setting = run_cli("-m", "tumorseg.inference.predict", str(GOOD_JPG), "-o", str(tmp_path / "o"), "--set", "image_size=abc")
     assert bad_setting.returncode == 2 and len(errors(bad_setting)) == 1
 
 
@@ -221,7 +223,7 @@ def test_a_newline_in_a_file_name_cannot_forge_a_line(trained, tmp_path):
 
 
 def test_sixteen_bit_and_exif_rotated_slices_read_as_displayed(trained, tmp_path):
-    from tumorseg.reading import read_slice
+    from tumorseg.io.reading import read_slice
 
     grey = np.asarray(Image.open(GOOD_JPG).convert("L"), dtype=np.uint16)
     Image.fromarray(grey * 257).save(tmp_path / "sixteen.png")

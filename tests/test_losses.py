@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.losses import DiceFocalLoss
 
-from tumorseg.losses import PosterDiceFocalLoss
+from tumorseg.training.losses import PosterDiceFocalLoss
 
 
 def logit(p: float) -> float:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tumorseg import metrics
+from tumorseg.evaluation import metrics
 
 
 def box(shape=(64, 64), y0=10, y1=30, x0=10, x1=30) -> np.ndarray:

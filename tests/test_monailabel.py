@@ -36,7 +36,7 @@ def export_app(tmp_path: Path) -> Path:
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy(REPO / "monailabel_app" / "main.py", app / "main.py")
-    check(run_cli("-m", "tumorseg.export", str(app / "model")))
+    check(run_cli("-m", "tumorseg.export.bundle_copy", str(app / "model")))
     return app
 
 

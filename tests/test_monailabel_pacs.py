@@ -99,7 +99,7 @@ def test_infer_equals_tumorseg_predict_in_the_series_geometry(pacs, study, serve
     datasets = pacs.client().retrieve_series(study_uid, mr)
     for i, ds in enumerate(datasets):
         ds.save_as(folder / f"{i:03d}.dcm", enforce_file_format=True)
-    done = run_cli("-m", "tumorseg.predict", str(folder), "--output", str(tmp_path / "out"), "--no-progress")
+    done = run_cli("-m", "tumorseg.inference.predict", str(folder), "--output", str(tmp_path / "out"), "--no-progress")
     assert done.returncode == 0, done.stdout + done.stderr
     expected = nib.load(tmp_path / "out" / "series_seg.nii.gz")
     got = nib.load(served)

@@ -28,7 +28,7 @@ LPS = np.diag([-1.0, -1.0, 1.0, 1.0])  # voxel (x, y, z) -> RAS of an LPS-stored
 
 
 def predict(*args, extra=()):
-    result = run_cli("-m", "tumorseg.predict", *map(str, args), "--no-progress", *extra)
+    result = run_cli("-m", "tumorseg.inference.predict", *map(str, args), "--no-progress", *extra)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 

@@ -9,8 +9,8 @@ import torch
 from conftest import SAMPLE
 from PIL import Image
 
-from tumorseg.predictor import Predictor
-from tumorseg.reading import InputError
+from tumorseg.inference.predictor import Predictor
+from tumorseg.io.reading import InputError
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,9 @@ def study(pacs, tmp_path_factory):
 
 def predict(pacs: Pacs, *args, env: dict | None = None):
     login = {USER: pacs.user, PASSWORD: pacs.password}
-    return run_cli("-m", "tumorseg.predict", *map(str, args), "--no-progress", env={**login, **(env or {})}, timeout=300)
+    return run_cli(
+        "-m", "tumorseg.inference.predict", *map(str, args), "--no-progress", env={**login, **(env or {})}, timeout=300
+    )
 
 
 def series_url(pacs: Pacs, study_uid: str, series_uid: str) -> str:

@@ -75,7 +75,7 @@ def mask_digests(out: Path) -> dict[str, str]:
 
 def predicted(tmp: Path) -> dict[str, str]:
     (tmp / "in").mkdir()
-    command = [sys.executable, "-m", "tumorseg.predict", *map(str, inputs(tmp / "in")), "--output", str(tmp / "out")]
+    command = [sys.executable, "-m", "tumorseg.inference.predict", *map(str, inputs(tmp / "in")), "--output", str(tmp / "out")]
     done = subprocess.run([*command, "--no-progress"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return mask_digests(tmp / "out")

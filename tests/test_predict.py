@@ -26,7 +26,7 @@ ANATOMICAL = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
 def predict(trained, *args, extra=()):
     return run_cli(
         "-m",
-        "tumorseg.predict",
+        "tumorseg.inference.predict",
         *map(str, args),
         "--checkpoint",
         str(trained / "models" / "model.pt"),

@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from data_tools.nifti_to_dicom import write_series
-from tumorseg.predict import OUTPUT_SUFFIXES, find_cases, output_plan
-from tumorseg.writing import write_problem
+from tumorseg.inference.predict import OUTPUT_SUFFIXES, find_cases, output_plan
+from tumorseg.io.writing import write_problem
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = Path(sys.executable).with_name("tumorseg-predict")
@@ -372,7 +372,7 @@ def test_folders_give_one_case_per_series_and_unique_names(tmp_path_factory, cou
 
 
 def test_geometry_tags_missing_or_malformed_are_named(tmp_path):
-    from tumorseg.reading import InputError, read_case
+    from tumorseg.io.reading import InputError, read_case
 
     series(tmp_path / "one", 0, 8, 0.0, 1, n=1)
     lone = tmp_path / "one" / "000.dcm"

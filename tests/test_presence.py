@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tumorseg.predictor import drop_short_tumours
-from tumorseg.transforms import PresenceGate, PresenceGated
+from tumorseg.inference.predictor import drop_short_tumours
+from tumorseg.postprocessing.transforms import PresenceGate, PresenceGated
 
 
 def test_gate_clears_slices_without_foreground_or_confidence():

@@ -15,7 +15,7 @@ WEIGHTS = BUNDLE / "models" / "model.pt"
 def test_flip_tta_inferer_averages_flipped_views_and_switches_off():
     from monai.inferers import SimpleInferer
 
-    from tumorseg.inferers import FlipTTAInferer
+    from tumorseg.inference.inferers import FlipTTAInferer
 
     x = torch.arange(2 * 1 * 4 * 6, dtype=torch.float32).reshape(2, 1, 4, 6) / 48 - 0.5
     # a network that sees its input in a fixed place: its flipped views disagree unless undone
@@ -38,7 +38,7 @@ def test_cpu_autocast_inferer_runs_in_bf16_and_returns_float32():
     from monai.inferers import SimpleInferer
     from monai.networks.nets import UNet
 
-    from tumorseg.inferers import CPUAutocastInferer, cpu_bf16_supported
+    from tumorseg.inference.inferers import CPUAutocastInferer, cpu_bf16_supported
 
     torch.manual_seed(0)
     net = UNet(2, 1, 1, (4, 8), (2,), num_res_units=1).eval()
@@ -86,7 +86,7 @@ def test_low_resolution_epochs_shrink_the_first_epochs_only_also_on_resume():
 
 
 def test_expected_dice_box_returns_one_rectangle_or_nothing():
-    from tumorseg.transforms import ExpectedDiceBox, ExpectedDiceBoxd
+    from tumorseg.postprocessing.transforms import ExpectedDiceBox, ExpectedDiceBoxd
 
     prob = np.zeros((1, 64, 64), dtype=np.float32)
     prob[0, 10:30, 20:40] = 0.9  # the tumour
@@ -192,10 +192,10 @@ class _Brightness(torch.nn.Module):
 
 
 def test_box_refined_moves_the_box_onto_what_the_refiner_sees_and_never_changes_presence(tmp_path):
-    """tumorseg.refine.BoxRefined: the box is replaced by the refiner's box found in a window around
+    """tumorseg.postprocessing.refine.BoxRefined: the box is replaced by the refiner's box found in a window around
     it (here: a bright rectangle the first box only half covers); an empty mask stays empty and a
     window where the refiner sees nothing keeps the first box."""
-    from tumorseg.refine import BoxRefined, bbox, window
+    from tumorseg.postprocessing.refine import BoxRefined, bbox, window
 
     weights = tmp_path / "refiner.pt"
     torch.save(_Brightness().state_dict(), weights)
@@ -225,10 +225,10 @@ def test_box_refined_moves_the_box_onto_what_the_refiner_sees_and_never_changes_
 
 
 def test_box_window_cuts_the_refiners_training_input_around_the_label_box():
-    """tumorseg.refine.BoxWindowd: image and label cut to the window BoxRefined would cut around the
+    """tumorseg.postprocessing.refine.BoxWindowd: image and label cut to the window BoxRefined would cut around the
     label's box (without jitter), resized to the refiner's size; jitter moves and scales it within
     its bounds; a slice without a box is taken whole."""
-    from tumorseg.refine import BoxWindowd, bbox
+    from tumorseg.postprocessing.refine import BoxWindowd, bbox
 
     image = torch.rand(1, 200, 200)
     label = torch.zeros(1, 200, 200)
@@ -275,7 +275,7 @@ def test_refiner_trains_through_the_bundle_and_evaluate_uses_it(converted_sample
     (run,) = client.search_runs([client.get_experiment_by_name("brain_tumor_mri_seg").experiment_id])
     assert run.data.params["stage"] == "refiner" and run.data.params["refine_size"] == "32"
     assert "val_mean_dice" in run.data.metrics and not client.search_registered_models()
-    listed = check(run_cli("-m", "tumorseg.runs", "--tracking-dir", str(store))).stdout
+    listed = check(run_cli("-m", "tumorseg.tracking.runs", "--tracking-dir", str(store))).stdout
     assert f"{run.info.run_name} [finished] second stage (refiner)" in listed
 
     out = tmp_path / "evaluate"
@@ -296,7 +296,7 @@ def test_refiner_trains_through_the_bundle_and_evaluate_uses_it(converted_sample
 def test_refine_is_part_of_the_box_fit_and_switches_off_from_the_command_line(converted_sample, tmp_path):
     """The shipped post-processing refines the box fit's boxes (models/refiner.pt); `--refine false`
     gives the first stage's boxes, and without the box fit there is nothing to refine."""
-    from tumorseg.predictor import Predictor
+    from tumorseg.inference.predictor import Predictor
 
     def steps(**overrides):
         predictor = Predictor.from_bundle(BUNDLE, overrides={"runtime": "torch", **overrides})
@@ -324,7 +324,7 @@ def test_tumorseg_predict_refines_by_default_and_records_it(tmp_path):
     boxes = {}
     for flag in ("--refine", "--no-refine"):
         out = tmp_path / flag.strip("-")
-        check(run_cli("-m", "tumorseg.predict", str(image), "-o", str(out), flag, "--no-progress"))
+        check(run_cli("-m", "tumorseg.inference.predict", str(image), "-o", str(out), flag, "--no-progress"))
         summary = json.loads((out / f"{image.stem}.json").read_text())
         assert summary["refine"] is (flag == "--refine") and summary["box_fit"] is True
         boxes[flag] = np.asarray(Image.open(out / f"{image.stem}_seg.png")) > 0

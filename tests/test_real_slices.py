@@ -12,8 +12,8 @@ import pytest
 from conftest import BUNDLE, CONFIGS, SAMPLE, run_cli
 from PIL import Image
 
-from tumorseg.presence import FEATURES, PresenceClassifier, presence_features
-from tumorseg.reading import InputError
+from tumorseg.io.reading import InputError
+from tumorseg.postprocessing.presence import FEATURES, PresenceClassifier, presence_features
 
 
 def box_map(size=64, box=(10, 30, 12, 40), level=0.95) -> np.ndarray:
@@ -127,7 +127,7 @@ def test_the_gate_with_a_classifier_clears_what_it_says_is_not_tumour(tmp_path):
     """PresenceGated(classifier=...): the peak rule first, then the learned decision."""
     import torch
 
-    from tumorseg.transforms import PresenceGated
+    from tumorseg.postprocessing.transforms import PresenceGated
 
     tumours = [presence_features(box_map(box=(r, r + 15, 5, 30))) for r in range(5, 45, 4)]
     healthy = [presence_features(ragged_map(seed)) for seed in range(len(tumours))]

@@ -16,7 +16,7 @@ import numpy as np
 from conftest import BUNDLE, QUICK, REPO, TRAIN, check, configs, run_cli
 from PIL import Image
 
-from tumorseg.files import file_digest
+from tumorseg.io.files import file_digest
 
 TINY = [*QUICK, "--segmentation_epochs", "2", "--negatives_epochs", "1", "--refiner_epochs", "1", "--refine_size", "32"]
 
@@ -117,7 +117,7 @@ def test_negatives_collate_with_unmarked_tumour_items(converted_sample, tmp_path
     (a batch keeps the keys of its first item, so a marked one first used to end in KeyError)."""
     from monai.data import list_data_collate
 
-    from tumorseg.reading import datalist_items
+    from tumorseg.io.reading import datalist_items
 
     data = with_negative(converted_sample, tmp_path)
     datalist = json.loads((data / "datalist.json").read_text())

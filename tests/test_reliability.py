@@ -35,7 +35,7 @@ SLOW_EPOCHS = [
 
 
 def test_training_killed_mid_epoch_resumes_into_the_same_mlflow_run(converted_sample, tmp_path):
-    from tumorseg.files import newest
+    from tumorseg.io.files import newest
 
     args = [
         sys.executable,
@@ -111,7 +111,7 @@ def test_malicious_checkpoint_runs_nothing(converted_sample, tmp_path):
 
     result = run_cli(
         "-m",
-        "tumorseg.predict",
+        "tumorseg.inference.predict",
         str(next((REPO / "data" / "brain-tumor-coco-sample" / "test").glob("*.jpg"))),
         "-o",
         str(tmp_path / "out"),

@@ -66,7 +66,7 @@ def test_shipped_model_as_pyfunc_segments_any_batch_and_size_like_the_bundle(tmp
     from PIL import Image
 
     from tumorseg.bundle import BUNDLE
-    from tumorseg.tracking import log_bundle_model, open_store
+    from tumorseg.tracking.tracker import log_bundle_model, open_store
 
     client, experiment_id = open_store(tmp_path / "mlflow")
     run = client.create_run(experiment_id, run_name="shipped")
@@ -155,7 +155,7 @@ def test_runs_started_side_by_side_into_a_fresh_store_all_succeed(tmp_path):
     import sys
 
     code = (
-        "import sys; from tumorseg.tracking import MLflowTracker; from monai.utils import path_to_sqlite_uri; "
+        "import sys; from tumorseg.tracking.tracker import MLflowTracker; from monai.utils import path_to_sqlite_uri; "
         "t = MLflowTracker(tracking_uri=path_to_sqlite_uri(sys.argv[1] + '/mlruns.db'), experiment_name='side_by_side', "
         "run_name='run_' + sys.argv[2]); from ignite.engine import Engine; t.start(Engine(lambda e, b: None)); "
         "t.client.set_terminated(t.cur_run.info.run_id)"
@@ -166,7 +166,7 @@ def test_runs_started_side_by_side_into_a_fresh_store_all_succeed(tmp_path):
     ]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-1500:] for e in errors)
-    from tumorseg.tracking import open_store
+    from tumorseg.tracking.tracker import open_store
 
     client, experiment_id = open_store(tmp_path, "side_by_side")
     assert len(client.search_runs([experiment_id])) == 4

@@ -1,5 +1,5 @@
 """The bundle's workflows refuse bad inputs before any engine starts, in the one line
-``tumorseg-predict`` prints (tumorseg.reading.InputError), with a non-zero exit."""
+``tumorseg-predict`` prints (tumorseg.io.reading.InputError), with a non-zero exit."""
 
 from __future__ import annotations
 

@@ -86,11 +86,11 @@ def _argument(argv: list[str], name: str) -> str | None:
 
 def _refuse_in_one_line(kind, value, traceback) -> None:
     """``sys.excepthook`` of the bundle's workflows: an error whose chain holds an
-    :class:`~tumorseg.reading.InputError` or :class:`~tumorseg.writing.OutputError` (MONAI wraps
+    :class:`~tumorseg.io.reading.InputError` or :class:`~tumorseg.io.writing.OutputError` (MONAI wraps
     it in "Failed to instantiate ...") is told as the one line ``tumorseg-predict`` prints;
     anything else as Python tells it."""
-    from .reading import InputError
-    from .writing import OutputError
+    from tumorseg.io.reading import InputError
+    from tumorseg.io.writing import OutputError
 
     cause, seen = value, set()
     while cause is not None and id(cause) not in seen and not isinstance(cause, (InputError, OutputError)):

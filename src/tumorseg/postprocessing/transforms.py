@@ -107,7 +107,7 @@ class PresenceGate(Transform):
     - its peak tumour probability is below ``min_peak`` (the network's own presence decision,
       calibrated on healthy and tumour slices: ``docs/README.md``); or
     - ``classifier`` is given and says no: the learned decision of
-      :class:`tumorseg.presence.PresenceClassifier` (a JSON file), on the map's shape.
+      :class:`tumorseg.postprocessing.presence.PresenceClassifier` (a JSON file), on the map's shape.
 
     Otherwise the probability map passes unchanged, so the box fit or the threshold that follows
     works as before on tumour slices.
@@ -138,7 +138,7 @@ class PresenceGate(Transform):
         )
         self.classifier = None
         if classifier:
-            from .presence import PresenceClassifier
+            from tumorseg.postprocessing.presence import PresenceClassifier
 
             self.classifier = PresenceClassifier.load(classifier)
 

@@ -8,7 +8,7 @@ The graph is exported once per set
 of weights and network settings with ``torch.onnx.export`` (batch dimension dynamic, windows of the
 training size) and kept in a cache folder (``TUMORSEG_CACHE``, default ``~/.cache/tumorseg``),
 written atomically; a later run loads it in well under a second. Inference runs two such
-sessions (the first stage and the second, ``tumorseg.refine.BoxRefined``); their threads sleep
+sessions (the first stage and the second, ``tumorseg.postprocessing.refine.BoxRefined``); their threads sleep
 between calls instead of spinning, which on 2 cores made each session's idle threads take the
 other's time (the refinement cost 35 ms per tumour slice with spinning, 15 without).
 """

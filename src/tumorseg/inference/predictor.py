@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import BUNDLE
-from .reading import InputError
+from tumorseg.bundle import BUNDLE
+from tumorseg.io.reading import InputError
 
 
 def read_state(checkpoint: Path, device="cpu") -> dict:
@@ -107,7 +107,7 @@ class Predictor:
             boxes refined by the second stage, a step of ``postprocessing``).
         batch_size: slices of a volume run through the network together.
         image_size: the network's input size (the preprocessing and inferer use it).
-        runtime: ``"onnx"``: the network runs in ONNX Runtime (:mod:`tumorseg.onnx_runtime`),
+        runtime: ``"onnx"``: the network runs in ONNX Runtime (:mod:`tumorseg.inference.onnx_runtime`),
             ``"torch"``: eager PyTorch, ``"auto"``: ONNX Runtime on a CPU where it is installed.
     """
 
@@ -131,7 +131,7 @@ class Predictor:
         image_size: int | None = None,
         runtime: str = "torch",
     ):
-        from .transforms import PresenceGate
+        from tumorseg.postprocessing.transforms import PresenceGate
 
         settings = {"image_size": image_size, "min_peak": min_peak, "min_foreground": min_foreground, "min_run": min_run}
         for name, value in settings.items():
@@ -148,14 +148,14 @@ class Predictor:
         self.network = network.eval()
         load_weights(self.network, self.checkpoint, self.device)
         self.batch_size = batch_size
-        from . import onnx_runtime
+        from tumorseg.inference import onnx_runtime
 
         try:
             runtime = onnx_runtime.resolve(runtime, self.device)
         except ValueError as e:
             raise InputError(f"bundle config: {e}") from None
         if runtime == "onnx":
-            from .onnx_runtime import OnnxNetwork
+            from tumorseg.inference.onnx_runtime import OnnxNetwork
 
             if image_size is None:
                 raise InputError("bundle config: the ONNX runtime needs the network's image_size")
@@ -175,7 +175,7 @@ class Predictor:
         """The ``predictor`` of the bundle's inference config (``common.yaml`` + ``inference.yaml``),
         with config ``overrides`` (e.g. ``{"image_size": 128}``); ``tta``/``box_fit``/``refine`` None keep
         the config's. Raises :class:`InputError` for a config or weights that do not build."""
-        from .bundle import inference_parser
+        from tumorseg.bundle import inference_parser
 
         overrides = dict(overrides or {})
         for key, value in (("tta", tta), ("box_fit", box_fit), ("refine", refine), ("checkpoint", checkpoint)):

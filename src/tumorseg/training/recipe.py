@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from .files import file_digest, write_atomic
+from tumorseg.io.files import file_digest, write_atomic
 
 __all__ = ["STAGES", "Recipe", "stage_command"]
 

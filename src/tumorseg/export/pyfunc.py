@@ -1,6 +1,6 @@
 """The bundle as an MLflow pyfunc model: grey slices in, tumour masks out.
 
-Logged from code (MLflow's "models from code", :func:`tumorseg.tracking.log_bundle_model`): MLflow
+Logged from code (MLflow's "models from code", :func:`tumorseg.tracking.tracker.log_bundle_model`): MLflow
 keeps this file with the model, whose artifact ``bundle`` is a copy of the bundle (configs, docs,
 the run's weights as ``models/model.pt``; the code is the ``tumorseg`` package, a wheel among the
 model's pip requirements) and whose ``model_config``
@@ -24,7 +24,7 @@ import numpy as np
 
 class BundleSegmenter(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined]  # mlflow exports it lazily
     def load_context(self, context):
-        from tumorseg.predictor import Predictor  # the installed package (the model's pip requirements)
+        from tumorseg.inference.predictor import Predictor  # the installed package (the model's pip requirements)
 
         bundle = Path(context.artifacts["bundle"]).resolve()
         self.predictor = Predictor.from_bundle(bundle, overrides=dict(context.model_config or {}))

@@ -19,7 +19,7 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
-from .files import file_digest
+from tumorseg.io.files import file_digest
 
 __all__ = [
     "MLflowTracker",
@@ -54,7 +54,7 @@ def environment_params(device=None) -> dict[str, str]:
     import monai
     import torch
 
-    from . import __version__ as tumorseg_version
+    from tumorseg import __version__ as tumorseg_version
 
     try:
         commit = subprocess.run(
@@ -170,7 +170,7 @@ class MLflowTracker(MLFlowHandler):
             ``epoch_length``): a training's; an evaluation's (1 epoch) would only mislead.
         source_checkpoint: for evaluation runs, the checkpoint being evaluated.
         run_record: file to keep the run's name in, for :func:`run_name` when resuming.
-        parent_run: name of the recipe's parent run (:class:`tumorseg.training.Recipe`): the run
+        parent_run: name of the recipe's parent run (:class:`tumorseg.training.recipe.Recipe`): the run
             is nested under it (created by the first stage, in the same experiment), and the
             parent's id and store are written to ``recipe_record`` for the recipe to end it.
         recipe_record: where to write them.
@@ -221,7 +221,7 @@ class MLflowTracker(MLFlowHandler):
         assert self.cur_run is not None  # MONAI's start made it
         run_id = self.cur_run.info.run_id
         if self.run_record:
-            from .files import write_atomic
+            from tumorseg.io.files import write_atomic
 
             write_atomic(self.run_record, self.cur_run.info.run_name.encode())
         for key, value in self.tags.items():
@@ -236,7 +236,7 @@ class MLflowTracker(MLFlowHandler):
         """The id of the parent run named ``parent_run``, created (tagged ``workflow: recipe``) if new."""
         import json
 
-        from .files import write_atomic
+        from tumorseg.io.files import write_atomic
 
         assert self.experiment is not None
         with store_lock(self.store_uri):
@@ -328,7 +328,7 @@ def log_bundle_model(
     description: str | None = None,
 ) -> str | None:
     """Log ``checkpoint`` as the run's MLflow model, a pyfunc that segments slices of any number
-    and size with the bundle's own inference (:mod:`tumorseg.pyfunc`), and register it as
+    and size with the bundle's own inference (:mod:`tumorseg.export.pyfunc`), and register it as
     ``registered_model_name``. ``model_config``: the config overrides the weights need (network
     size, post-processing settings). The registered version gets ``description``, the run's best
     validation metrics and its data digest as tags, and, where the weights are the bundle's
@@ -343,8 +343,8 @@ def log_bundle_model(
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from .bundle import BUNDLE
-    from .export import build_wheel, write_bundle
+    from tumorseg.bundle import BUNDLE
+    from tumorseg.export.bundle_copy import build_wheel, write_bundle
 
     bundle = Path(bundle or BUNDLE)
     digest = file_digest(checkpoint, None)
@@ -368,7 +368,7 @@ def log_bundle_model(
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
                     name="model",
-                    python_model=str(Path(__file__).with_name("pyfunc.py")),
+                    python_model=str(Path(__file__).parents[1] / "export" / "pyfunc.py"),
                     artifacts={"bundle": str(copy), wheel.name: str(wheel)},
                     model_config=dict(model_config or {}),
                     signature=ModelSignature(inputs=Schema([slices]), outputs=Schema([masks])),

@@ -27,8 +27,8 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from .bundle import BUNDLE
-from .files import file_digest
+from tumorseg.bundle import BUNDLE
+from tumorseg.io.files import file_digest
 
 # written into the bundle by its workflows, never part of an export
 LEFT_OUT = shutil.ignore_patterns("__pycache__", "*.pyc", "eval", "last", "refiner", ".tumorseg-*")
@@ -54,7 +54,7 @@ def _files(root: Path) -> dict[str, str]:
     }
 
 
-REPOSITORY = Path(__file__).resolve().parents[2]  # pyproject.toml and src/, where this is a source checkout
+REPOSITORY = Path(__file__).resolve().parents[3]  # pyproject.toml and src/, where this is a source checkout
 
 
 def build_wheel(dest: Path) -> Path:
@@ -215,7 +215,7 @@ def export(
         raise ExportError(target, f"would replace or lie inside the source bundle {bundle}; choose another output folder")
     manifest = _previous_export(target)
 
-    from .bundle import inference_parser
+    from tumorseg.bundle import inference_parser
 
     try:
         network = inference_parser(bundle).get_parsed_content("network_def")

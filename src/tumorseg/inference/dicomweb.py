@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import show
+from tumorseg.io.files import show
 
 USER_ENV, PASSWORD_ENV, TIMEOUT_ENV = "TUMORSEG_DICOMWEB_USER", "TUMORSEG_DICOMWEB_PASSWORD", "TUMORSEG_DICOMWEB_TIMEOUT"
 DEFAULT_TIMEOUT = 30.0
@@ -223,7 +223,7 @@ def case_summary(folder: Path, output: Path) -> Path | None:
     """The JSON summary that ``tumorseg-predict`` wrote into ``output`` for the DICOM series folder
     ``folder`` (its ``input``): ``<folder name>.json`` if that is the one, else the one among the
     files its manifest lists; None if there is none."""
-    from .writing import OutputFolder
+    from tumorseg.io.writing import OutputFolder
 
     try:
         listed = sorted(json.loads((Path(output) / OutputFolder.MANIFEST).read_text()))
@@ -242,7 +242,7 @@ def store_case(fetched: FetchedSeries, output: Path) -> str | None:
     """Store the DICOM SEG that ``tumorseg-predict`` made in ``output`` from ``fetched.folder``
     and record the outcome in the case's summary, whose ``input`` becomes the series' URL. Returns
     None, or the error line (the local outputs stay)."""
-    from .writing import OutputError, OutputFolder
+    from tumorseg.io.writing import OutputError, OutputFolder
 
     path = case_summary(fetched.folder, output)
     try:
@@ -272,8 +272,8 @@ def predict_with_urls(argv: list[str]) -> int:
     each series' DICOM SEG back on its server. Options are checked before any request."""
     import tempfile
 
-    from .predict import build_parser
-    from .predict import main as predict_main
+    from tumorseg.inference.predict import build_parser
+    from tumorseg.inference.predict import main as predict_main
 
     urls = [word for word in argv if is_url(word)]
     rest = [word for word in argv if not is_url(word)]

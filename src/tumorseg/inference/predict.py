@@ -15,7 +15,7 @@ kind of input: ``scan.nii.gz`` beside the DICOM folder ``scan/`` gives ``scan_ni
 ``scan``) and printed, one ``plan:`` line per case.
 
 Volumes are first put in the canonical slice orientation (MONAI's ``Orientation`` to ``LPS``,
-``tumorseg.reading``): whatever the order in which a file stores its voxels, the network sees
+``tumorseg.io.reading``): whatever the order in which a file stores its voxels, the network sees
 axial slices laid out as a radiologist reads them (anterior up, the patient's right on the left),
 and the mask goes back to the file's own voxel order and affine exactly. ``--axis K`` instead
 slices along voxel axis K as stored. PNG/JPG slices are taken as they are displayed.
@@ -28,14 +28,14 @@ zoomed back (nearest neighbour). Slices with almost no foreground are not run at
 Outputs per case, in the input's geometry, written atomically: the mask (PNG for PNG/JPG, NIfTI
 with the input's affine for NIfTI and DICOM), for DICOM also a DICOM SEG referencing the source
 series, an overlay PNG (volumes: axial slices with orientation letters), and a JSON summary. A
-case's outputs are written all or none (``tumorseg.writing.OutputFolder``); a write that fails
+case's outputs are written all or none (``tumorseg.io.writing.OutputFolder``); a write that fails
 (the disk is full, the folder is read-only, permission denied) is one line saying so and what was
 kept, and the batch goes on. An output folder that cannot be written at all stops the run before
 any case (exit status 2); any case that failed gives exit status 1 at the end.
 
 A study or series on a PACS is given by its DICOMweb URL (``http://host/dicom-web/studies/<UID>``,
 optionally ``/series/<UID>``): each MR series is fetched, predicted as a DICOM series folder, and
-its DICOM SEG stored back on the server (``tumorseg.dicomweb``: credentials from the environment
+its DICOM SEG stored back on the server (``tumorseg.inference.dicomweb``: credentials from the environment
 or netrc, never on the command line).
 """
 
@@ -47,9 +47,9 @@ from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import BUNDLE
-from .files import show
-from .reading import (
+from tumorseg.bundle import BUNDLE
+from tumorseg.io.files import show
+from tumorseg.io.reading import (
     NIFTI_SUFFIXES,
     SLICE_AXCODES,
     SLICE_SUFFIXES,
@@ -225,13 +225,13 @@ def output_stems(cases: list, taken: Set[str] = frozenset()) -> list[str]:
 
 
 def case_mask(predictor, case, axis: int | None = None):
-    """The mask of a case read by :func:`~tumorseg.reading.read_case`, in its own voxel order,
+    """The mask of a case read by :func:`~tumorseg.io.reading.read_case`, in its own voxel order,
     with the per-slice peak probabilities and what the overlay shows: ``(mask, peaks, shown,
     shown_mask, orientation, letters)``; ``axis`` as in :func:`predict_case`. MONAI Label's app
     predicts the series of a PACS through it, as ``tumorseg-predict`` does."""
     import numpy as np
 
-    from .writing import RADIOLOGICAL_LETTERS
+    from tumorseg.io.writing import RADIOLOGICAL_LETTERS
 
     stored = case.image[0].numpy()
     reference = (float(np.nanmin(stored)), float(np.nanmax(stored))) if stored.size else (0.0, 0.0)
@@ -273,7 +273,7 @@ def predict_case(
     for volumes)."""
     import numpy as np
 
-    from .writing import OutputFolder, encode_outputs, overlay_png
+    from tumorseg.io.writing import OutputFolder, encode_outputs, overlay_png
 
     given = _as_input(path)
     path = given.path
@@ -334,7 +334,7 @@ def predict_case(
 def predict_or_say_why(predictor, case, output, stem=None, axis=None, keep_largest=False, write=print) -> bool:
     """:func:`predict_case`, and a case that fails gets one ``error:`` line (through ``write``)
     instead of an exception, so a batch goes on. Returns whether the case was predicted."""
-    from .writing import OutputError
+    from tumorseg.io.writing import OutputError
 
     try:
         predict_case(predictor, case, output, axis=axis, keep_largest=keep_largest, stem=stem)
@@ -484,21 +484,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .dicomweb import is_url
+    from tumorseg.inference.dicomweb import is_url
 
-    if any(map(is_url, argv)):  # studies or series on a PACS among the inputs (tumorseg.dicomweb)
-        from .dicomweb import predict_with_urls
+    if any(map(is_url, argv)):  # studies or series on a PACS among the inputs (tumorseg.inference.dicomweb)
+        from tumorseg.inference.dicomweb import predict_with_urls
 
         return predict_with_urls(argv)
     args = build_parser().parse_intermixed_args(argv)
-    from .bundle import parse_overrides
+    from tumorseg.bundle import parse_overrides
 
     overrides = parse_overrides(args.set)
     cases, errors, notes = find_cases(args.inputs)
     for line in errors:
         print(f"error: {show(line)}", file=sys.stderr)
-    from .predictor import Predictor
-    from .writing import OutputError, OutputFolder
+    from tumorseg.inference.predictor import Predictor
+    from tumorseg.io.writing import OutputError, OutputFolder
 
     if args.output.exists() and not args.output.is_dir():
         print(f"error: {args.output}: the output must be a folder, and this is a file", file=sys.stderr)

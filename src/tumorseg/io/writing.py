@@ -1,6 +1,6 @@
 """Writing a case's outputs: the mask in the input's own format and geometry (PNG; NIfTI with the
 input's affine and header; DICOM SEG referencing the source series), an overlay for a person,
-and a JSON summary. Every file is written atomically (``tumorseg.files.write_atomic``)."""
+and a JSON summary. Every file is written atomically (``tumorseg.io.files.write_atomic``)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import write_atomic
-from .reading import SLICE_AXCODES
+from tumorseg.io.files import write_atomic
+from tumorseg.io.reading import SLICE_AXCODES
 
 # letters at the (top, bottom, left, right) of a canonical axial slice as panel() draws it
 RADIOLOGICAL_LETTERS = ("A", "P", "R", "L")
@@ -81,7 +81,7 @@ def seg_bytes(mask: np.ndarray, datasets) -> bytes:
 def overlay_png(volume: np.ndarray, mask: np.ndarray, title: str, letters=None) -> bytes:
     """The slice (or the up to three slices of a volume, along its last axis, with most tumour;
     the middle one if none) with the prediction outlined in red; ``letters`` as in ``panel``."""
-    from .visualize import panel
+    from tumorseg.evaluation.visualize import panel
 
     if volume.ndim == 2:
         picks = [(volume, mask, title)]
@@ -190,7 +190,7 @@ class OutputFolder:
         per path it must not overwrite, then exit status 1 with nothing written."""
         import sys
 
-        from .files import show
+        from tumorseg.io.files import show
 
         refused = []
         for path in map(Path, paths):

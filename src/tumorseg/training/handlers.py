@@ -1,7 +1,7 @@
 """Ignite handlers the bundle attaches to MONAI's evaluator.
 
 They write files under an output folder and register them in ``engine.state.tracked_files``,
-which :class:`tumorseg.tracking.MLflowTracker` uploads to the run at the end of the epoch.
+which :class:`tumorseg.tracking.tracker.MLflowTracker` uploads to the run at the end of the epoch.
 Without tracking the files are simply kept on disk.
 """
 
@@ -23,10 +23,10 @@ from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointSaver
 
-from . import metrics
-from .files import write_atomic
-from .report import html_report
-from .visualize import panel
+from tumorseg.evaluation import metrics
+from tumorseg.evaluation.report import html_report
+from tumorseg.evaluation.visualize import panel
+from tumorseg.io.files import write_atomic
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -266,7 +266,7 @@ class SegmentationReport(_CaseCollector):
     the poster's two-class metric set), a ``report.html`` and a ``cases.png`` of the worst and
     best cases, and put into ``engine.state.metrics`` so trackers log them.
 
-    See :mod:`tumorseg.metrics` for how empty masks count.
+    See :mod:`tumorseg.evaluation.metrics` for how empty masks count.
 
     Args:
         output_dir: folder for the files.

@@ -1,6 +1,6 @@
 """A learned slice-level presence decision: tumour or not, from the first stage's probability map.
 
-The peak-probability gate (:class:`tumorseg.transforms.PresenceGate`, ``min_peak``) asks one
+The peak-probability gate (:class:`tumorseg.postprocessing.transforms.PresenceGate`, ``min_peak``) asks one
 number of the map. This classifier asks several, each about the shape of what the network drew,
 never about the image itself (so it cannot learn a collection's look, only the network's
 behaviour on it):
@@ -127,13 +127,13 @@ class PresenceClassifier:
         return cls(mean.tolist(), scale.tolist(), beta[:-1].tolist(), float(beta[-1]), note=note)
 
     def save(self, path: Path | str) -> None:
-        from .files import write_atomic
+        from tumorseg.io.files import write_atomic
 
         write_atomic(Path(path), (json.dumps(asdict(self), indent=1) + "\n").encode())
 
     @classmethod
     def load(cls, path: Path | str) -> PresenceClassifier:
-        from .reading import InputError
+        from tumorseg.io.reading import InputError
 
         try:
             return cls(**json.loads(Path(path).read_text()))

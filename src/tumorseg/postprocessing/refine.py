@@ -158,11 +158,11 @@ class BoxWindowd(Randomizable, MapTransform):
 class BoxRefined(MapTransform):
     """Replaces each slice's box by the box a second network finds in a window around it.
 
-    For a (1, H, W) box mask (the output of :class:`tumorseg.transforms.ExpectedDiceBoxd`) and its
+    For a (1, H, W) box mask (the output of :class:`tumorseg.postprocessing.transforms.ExpectedDiceBoxd`) and its
     (1, H, W) image on the same grid: the window of :func:`window` (``context`` times the box's
     longer side, centred on it) is cut from the image, resized to ``size`` and run through
-    ``network`` with its three flips (:class:`tumorseg.inferers.FlipTTAInferer`); the mean
-    probability goes through the same box fit (:class:`tumorseg.transforms.ExpectedDiceBox`), and
+    ``network`` with its three flips (:class:`tumorseg.inference.inferers.FlipTTAInferer`); the mean
+    probability goes through the same box fit (:class:`tumorseg.postprocessing.transforms.ExpectedDiceBox`), and
     that box, mapped back, replaces the first.
     An empty mask stays empty and a window in which the refiner finds nothing keeps the first box:
     the cascade changes a tumour's extent and place, never whether a slice holds one (so the
@@ -176,7 +176,7 @@ class BoxRefined(MapTransform):
         context: window side over the box's longer side (as in the refiner's training).
         size: the side the window is resized to (the refiner's training size).
         threshold: probability the refiner must reach for its box to be used.
-        runtime: ``"onnx"``: the refiner runs in ONNX Runtime (:mod:`tumorseg.onnx_runtime`),
+        runtime: ``"onnx"``: the refiner runs in ONNX Runtime (:mod:`tumorseg.inference.onnx_runtime`),
             ``"torch"``: eager PyTorch, ``"auto"``: ONNX Runtime on a CPU where it is installed.
     """
 
@@ -192,10 +192,10 @@ class BoxRefined(MapTransform):
         runtime: str = "torch",
         allow_missing_keys: bool = False,
     ) -> None:
-        from . import onnx_runtime
-        from .inferers import FlipTTAInferer
-        from .predictor import load_weights
-        from .transforms import ExpectedDiceBox
+        from tumorseg.inference import onnx_runtime
+        from tumorseg.inference.inferers import FlipTTAInferer
+        from tumorseg.inference.predictor import load_weights
+        from tumorseg.postprocessing.transforms import ExpectedDiceBox
 
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
