@@ -242,7 +242,8 @@ def test_a_full_disk_loses_and_mixes_nothing(reference, tmp_path):
 def _can_mount(*how: str) -> bool:
     probe = tempfile.mkdtemp()
     try:
-        return subprocess.run(["unshare", "-rm", "mount", *how, probe], capture_output=True).returncode == 0
+        command = ["unshare", "-rm", "mount", *(probe if word == "PROBE" else word for word in how), probe]
+        return subprocess.run(command, capture_output=True).returncode == 0
     except OSError:
         return False
     finally:
@@ -282,7 +283,7 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_and_keeps_what_is_t
         kept.chmod(0o555)
         result, words = run(*inputs["good"], "-o", kept), "permission denied"
         kept.chmod(0o755)
-    elif shutil.which("unshare") and _can_mount("--bind", "-o", "ro", tempfile.gettempdir()):
+    elif shutil.which("unshare") and _can_mount("--bind", "-o", "ro", "PROBE"):
         result, words = run(*inputs["good"], "-o", kept, read_only=kept), "the folder is read-only"
     else:
         pytest.skip("root, and no mount namespaces to make a folder read-only")
