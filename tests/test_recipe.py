@@ -128,3 +128,35 @@ def test_negatives_collate_with_unmarked_tumour_items(converted_sample, tmp_path
     assert len(list_data_collate(items)["image"]) == len(items)
     without = datalist_items(data / "datalist.json", "training", data, negatives=False)
     assert len(without) == len(items) - 1
+
+
+def test_a_stage_that_fails_mid_run_ends_its_mlflow_runs_failed_and_resume_finishes_them(converted_sample, tmp_path):
+    """A training image that breaks in the loader (uncached: read during the epoch, after the
+    stage's MLflow run started): the stage's run and the recipe's parent end FAILED, not RUNNING;
+    once the image is mended, ``--resume true`` reopens the parent, runs the stage (afresh: it
+    failed before its first checkpoint) and ends both FINISHED; the failed attempt stays FAILED."""
+    import mlflow
+
+    data, out = tmp_path / "dataset", tmp_path / "run"
+    shutil.copytree(converted_sample, data)
+    first = json.loads((data / "datalist.json").read_text())["training"][0]["image"]
+    image = data / first
+    good = image.read_bytes()
+    image.write_bytes(good[: len(good) // 4])
+    extra = ["--recipe_stages", "['segmentation']", "--cache_rate", "0"]
+    failed = run_cli(*recipe_command(data, out, *extra)[1:])
+    assert failed.returncode != 0 and "recipe stage segmentation failed" in failed.stderr, failed.stderr[-2000:]
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow'}/mlruns.db")
+    experiment = client.get_experiment_by_name("brain_tumor_mri_seg").experiment_id
+
+    def statuses() -> list[tuple[str, str]]:
+        runs = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+        return [(r.data.tags.get("workflow", "?"), r.info.status) for r in runs]
+
+    assert sorted(statuses()) == [("recipe", "FAILED"), ("train", "FAILED")]
+    image.write_bytes(good)
+    check(run_cli(*recipe_command(data, out, *extra, "--resume", "true")[1:]))
+    assert sorted(statuses()) == [("recipe", "FINISHED"), ("train", "FAILED"), ("train", "FINISHED")]
+    parent = [r for r in client.search_runs([experiment]) if r.data.tags.get("workflow") == "recipe"][0]
+    nested = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(nested) == 2  # both attempts under the one parent

@@ -218,8 +218,10 @@ class MLflowTracker(MLFlowHandler):
             super().start(engine)
         if not new_run:
             return
-        assert self.cur_run is not None  # MONAI's start made it
+        assert self.cur_run is not None  # MONAI's start made it (or found it by name: resumed)
         run_id = self.cur_run.info.run_id
+        if self.cur_run.info.status != "RUNNING":  # a resumed run that had failed or was killed
+            self.client.update_run(run_id, status="RUNNING")
         if self.run_record:
             from tumorseg.io.files import write_atomic
 
@@ -243,6 +245,8 @@ class MLflowTracker(MLFlowHandler):
             found = self.client.search_runs(
                 [self.experiment.experiment_id], filter_string=f"attributes.run_name = '{self.parent_run}'"
             )
+            if found and found[0].info.status != "RUNNING":  # a resumed recipe: its parent runs again
+                self.client.update_run(found[0].info.run_id, status="RUNNING")
             run = (
                 found[0]
                 if found

@@ -163,6 +163,7 @@ class Recipe:
             with open(logs / "train.log", "a") as log:
                 code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
             if code != 0:
+                self._mark_failed(folder)
                 tail = (logs / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
                 reason = tail[0].removeprefix("error: ")
                 raise SystemExit(f"error: recipe stage {stage} failed (exit {code}): {reason} (log: {logs / 'train.log'})")
@@ -195,6 +196,26 @@ class Recipe:
         for name, what in published.items():
             print(f"recipe: {self.ckpt_dir / name} <- {what['from']} ({what['sha256'][:12]})", flush=True)
         return published
+
+    def _mark_failed(self, folder: Path) -> None:
+        """A stage that failed: its MLflow run, and the parent's, end FAILED rather than stay
+        RUNNING (a stage that dies in an exception never reaches the tracker's completion);
+        ``--resume true`` reopens both."""
+        where, named = self.ckpt_dir / "stages" / "recipe_run.json", folder / "last" / "mlflow_run_name"
+        if not where.is_file():
+            return
+        from mlflow import MlflowClient
+
+        info = json.loads(where.read_text())
+        client = MlflowClient(info["tracking_uri"])
+        runs = [info["run_id"]]
+        if named.is_file():
+            experiment = client.get_run(info["run_id"]).info.experiment_id
+            name = named.read_text().strip()
+            runs += [r.info.run_id for r in client.search_runs([experiment], filter_string=f"attributes.run_name = '{name}'")]
+        for run_id in runs:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "FAILED")
 
     def _finish_parent_run(self, parent: str, record: dict) -> None:
         """End the parent MLflow run the stages nested under (it exists only with --tracking)."""
