@@ -200,6 +200,7 @@ FAILURES = {
     "unreadable series": ("unreadable instance", {}),
     "slow server": (f"no answer within 1 s while searching the series (QIDO-RS) (a slow server? {TIMEOUT})", {TIMEOUT: "1"}),
     "credentials in the URL": ("credentials in a URL are refused", {}),
+    "malformed URL": ("not a valid URL (Invalid IPv6 URL)", {}),
 }
 
 
@@ -214,6 +215,7 @@ def test_failures_are_one_line_and_leave_the_server_as_it_was(pacs, study, silen
         "CT series": series_url(pacs, study_uid, ct),
         "slow server": f"{silent_server}/studies/{study_uid}",
         "credentials in the URL": f"http://{pacs.user}:{pacs.password}@{pacs.root.split('://')[1]}/studies/{study_uid}",
+        "malformed URL": f"http://[::1/dicom-web/studies/{study_uid}",
     }.get(case)
     if case == "unreadable series":  # pixel data cut to half its length
         study_uid, series_uid = upload(pacs, tmp_path / "bad", slices=2)
@@ -231,3 +233,13 @@ def test_failures_are_one_line_and_leave_the_server_as_it_was(pacs, study, silen
     assert pacs.password not in done.stdout + done.stderr
     assert not (tmp_path / "out").exists()
     assert pacs.counts() == counts
+
+
+def test_an_output_that_is_a_file_is_refused_before_any_request(pacs, study, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("somebody's file")
+    counts = pacs.counts()
+    done = predict(pacs, f"{pacs.root}/studies/{study[0]}", "--output", taken)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"error: {taken}: the output must be a folder, and this is a file"
+    assert "fetched" not in done.stdout and taken.read_text() == "somebody's file" and pacs.counts() == counts

@@ -66,8 +66,11 @@ def parse_url(url: str) -> tuple[str, str, str | None]:
     """``(root, study_uid, series_uid or None)`` of a study or series address."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    host = parts.hostname or ""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError as e:  # e.g. "Invalid IPv6 URL"
+        raise DicomwebError(f"{url}: not a valid URL ({e})") from None
     try:
         base = f"{parts.scheme}://{f'[{host}]' if ':' in host else host}" + (f":{parts.port}" if parts.port else "")
     except ValueError:  # a port that is not a number
@@ -279,6 +282,9 @@ def predict_with_urls(argv: list[str]) -> int:
     rest = [word for word in argv if not is_url(word)]
     parsed = build_parser().parse_intermixed_args([*rest, "placeholder"])  # options checked before any request
     output, local_inputs = parsed.output, parsed.inputs[:-1]
+    if output.exists() and not output.is_dir():  # refused before any request, as tumorseg-predict does
+        print(f"error: {output}: the output must be a folder, and this is a file", file=sys.stderr)
+        return 2
     failed = 0
     with tempfile.TemporaryDirectory(prefix="tumorseg-dicomweb-") as tmp:
         fetched: list[FetchedSeries] = []
