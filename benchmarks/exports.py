@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import BUNDLE, REPO, Row, first_line, seconds_per_call
+from tumorseg.bundle import config_files
 
 
 def start_export(command: str, network_file: Path, weights: Path, image_size: int) -> subprocess.Popen:
@@ -35,7 +36,7 @@ def start_export(command: str, network_file: Path, weights: Path, image_size: in
         "--meta_file",
         str(configs / "metadata.json"),
         "--config_file",
-        str([str(configs / "common.yaml"), str(configs / "train.yaml")]),
+        str(config_files("train", BUNDLE)),
         "--key_in_ckpt",
         "",
         # the dummy input the exporter traces with; ONNX keeps this shape fixed

@@ -20,9 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+from tumorseg.bundle import config_files
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = "bundles/brain_tumor_mri_seg"
-TRAIN = [f"{BUNDLE}/configs/common.yaml", f"{BUNDLE}/configs/train.yaml"]
+TRAIN = config_files("train", Path(BUNDLE))  # the bundle's training layers (tumorseg.bundle.WORKFLOWS)
 RECIPES = {  # name: override files, applied in order on train.yaml
     "default": [],
     "rotate_aug": ["rotate_aug"],
