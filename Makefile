@@ -14,8 +14,10 @@ RUN    ?= runs/demo
 SETTINGS ?= configs/demo.yaml
 EVAL_LIST ?= test
 TRACKING_DIR ?= mlflow
-TRAIN_CONFIGS := "['$(BUNDLE)/configs/common.yaml','$(BUNDLE)/configs/train.yaml','$(SETTINGS)']"
-EVAL_CONFIGS  := "['$(BUNDLE)/configs/common.yaml','$(BUNDLE)/configs/train.yaml','$(SETTINGS)','$(BUNDLE)/configs/evaluate.yaml']"
+# a workflow's config layers come from their one definition (tumorseg.bundle.WORKFLOWS), with
+# SETTINGS on top; `=`, not `:=`: read once .venv exists
+TRAIN_CONFIGS = "$(shell $(BIN)/python -m tumorseg.bundle train $(SETTINGS))"
+EVAL_CONFIGS  = "$(shell $(BIN)/python -m tumorseg.bundle evaluate $(SETTINGS))"
 RUN_ARGS := --bundle_root $(BUNDLE) --dataset_dir $(RUN)/dataset --ckpt_dir $(RUN)/models --output_dir $(RUN)/eval \
             --tracking configs/mlflow.json --tracking_dir $(TRACKING_DIR)
 
@@ -35,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 #    overlays of those slices and of a real healthy volume; 2. the pipeline's smoke run: convert,
 #    every stage of the training recipe for a few epochs, evaluate the cascade it made; everything
 #    tracked in MLflow.
-SHIPPED_EVAL := "['$(BUNDLE)/configs/common.yaml','$(BUNDLE)/configs/train.yaml','$(BUNDLE)/configs/evaluate.yaml']"
+SHIPPED_EVAL = "$(shell $(BIN)/python -m tumorseg.bundle evaluate)"
 HEALTHY_VOLUME = $(shell $(BIN)/python -c "from nibabel.testing import data_path; print(data_path)")/anatomical.nii
 demo: setup
 	$(BIN)/python -m data_tools $(DATA) $(RUN)/dataset

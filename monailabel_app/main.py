@@ -18,9 +18,10 @@ versioning: the last existing file of the task's path list).
 On a PACS (``--studies http://host:port/dicom-web``, see README "MONAI Label on the PACS"): the
 datastore is MONAI Label's DICOMweb datastore (:class:`SeriesDatastore`), listing the server's MR
 series (QIDO-RS), each downloaded (WADO-RS) as its folder of DICOM files when first asked for.
-/infer predicts such a series (or any NIfTI volume) as ``tumorseg-predict`` does: read by
-tumorseg's own reader, axial slices of the canonical orientation through the bundle's
-``predictor``, the mask back in the series' geometry, a NIfTI. A final label saved through
+/infer predicts such a series (or any NIfTI volume, or a PNG/JPG slice of a local datastore) as
+``tumorseg-predict`` does: read by tumorseg's own reader, axial slices of the canonical
+orientation through the bundle's ``predictor``, the mask back in the series' geometry, a NIfTI
+(a slice's: a PNG). A final label saved through
 PUT /datastore/label is stored on the server as a DICOM SEG (STOW-RS, checked by QIDO-RS), and
 /train trains on the axial slices of the labelled series that hold tumour (16-bit PNG image,
 0/1 PNG label, written under ``models/monailabel/slices/``). Login: MONAI Label's
@@ -89,9 +90,13 @@ BundleInferTask = _bundle_infer_task_class()
 
 
 def config_files(config) -> list[str]:
-    """A workflow's config files, layered on the bundle's ``configs/common.yaml``."""
-    common = Path(config).parent / "common.yaml"
-    return [str(common), str(config)] if common.is_file() else [str(config)]
+    """A workflow's config files in their layering order (``tumorseg.bundle.WORKFLOWS``, the one
+    definition of the layers: ``inference.yaml`` on ``common.yaml`` ...), from ``config``'s folder."""
+    from tumorseg.bundle import WORKFLOWS
+
+    config = Path(config)
+    layers = min((w for w in WORKFLOWS.values() if w[-1] == config.name), key=len, default=(config.name,))
+    return [str(config.parent / name) for name in layers]
 
 
 def layered_config(path, config):
@@ -494,11 +499,11 @@ class SeriesDatastore(DICOMWebDatastore):
 
 
 class Bundle2DInferTask(BundleInferTask):
-    """A 2D bundle: the restored mask loses its channel axis, and is written as a uint8 PNG
-    unless the request asks otherwise (the default would be the input's extension, a lossy JPEG
-    for JPEG slices; ITK's PNG writer refuses float32). The shared preprocessing loads image and
-    label; a request has the image only. ``probabilities``: the post-processing stops at the
-    sigmoid, at the network's resolution (what MC-dropout scoring needs)."""
+    """The bundle's /infer: every image (PNG/JPG slice, DICOM series, NIfTI volume) through the
+    bundle's one ``predictor``, as ``tumorseg-predict`` and the bundle's inference run it
+    (:meth:`infer_case`). ``probabilities``: MC-dropout scoring's task instead, which needs the
+    network's sigmoid at its own resolution, so it runs MONAI Label's pipeline on the bundle's
+    transforms (the shared preprocessing loads image and label; a request has the image only)."""
 
     def __init__(self, path, conf, probabilities=False, **kwargs):
         self.probabilities = probabilities
@@ -519,8 +524,8 @@ class Bundle2DInferTask(BundleInferTask):
 
     def __call__(self, request, callbacks=None):
         image = request.get("image")
-        if isinstance(image, str) and is_volume(image) and not self.probabilities:
-            return self.infer_volume(request)
+        if isinstance(image, str) and not self.probabilities:
+            return self.infer_case(request)
         return super().__call__(request, callbacks)
 
     _predictors: dict = {}
@@ -536,14 +541,20 @@ class Bundle2DInferTask(BundleInferTask):
         with self._predictors_lock:
             if key not in self._predictors:
                 self._predictors.clear()
-                self._predictors[key] = Predictor.from_bundle(Path(self.bundle_path), checkpoint)
+                # the recipe's pair: a trained first stage with the refiner trained beside it
+                refiner = checkpoint.parent / "refiner.pt"
+                overrides = {"refiner_checkpoint": str(refiner)} if refiner.is_file() else {}
+                self._predictors[key] = Predictor.from_bundle(Path(self.bundle_path), checkpoint, overrides)
             return self._predictors[key]
 
-    def infer_volume(self, request):
-        """A DICOM series folder or a NIfTI volume predicted as ``tumorseg-predict`` predicts it:
-        the mask in the input's geometry, a NIfTI (uint8 0/1), as its ``<name>_seg.nii.gz``."""
+    def infer_case(self, request):
+        """Any image of the datastore (a PNG/JPG slice, a DICOM series folder, a NIfTI volume)
+        predicted as ``tumorseg-predict`` predicts it, through the bundle's one ``predictor``: the
+        mask in the input's geometry, uint8 0/1, as its ``<name>_seg.png`` (a slice) or
+        ``<name>_seg.nii.gz`` (a volume)."""
         from tumorseg.inference.predict import case_mask
         from tumorseg.io.reading import InputError, read_case
+        from tumorseg.io.writing import png_bytes
 
         start = time.time()
         try:
@@ -552,8 +563,8 @@ class Bundle2DInferTask(BundleInferTask):
             mask = case_mask(predictor, case)[0]  # the one path of tumorseg-predict
         except InputError as e:
             raise PacsError(f"{Path(request['image']).name}: {e}", 422) from None
-        with tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False) as f:
-            f.write(mask_nifti(case, mask))
+        with tempfile.NamedTemporaryFile(suffix=".png" if case.kind == "slice" else ".nii.gz", delete=False) as f:
+            f.write(png_bytes(mask) if case.kind == "slice" else mask_nifti(case, mask))
         logger.info(f"Infer model path: {predictor.checkpoint}; volume {list(mask.shape)}, {int(mask.sum())} tumour voxels")
         return f.name, {
             "label_names": self.labels,

@@ -135,10 +135,7 @@ def test_monai_label_infer_equals_the_bundle_inference(tmp_path):
 
     served = np.asarray(Image.open(tmp_path / "ml_mask.png"))
     assert served.shape == expected.shape and set(np.unique(served)) <= {0, 1}
-    served = served > 0
-    denominator = served.sum() + expected.sum()
-    dice = 1.0 if denominator == 0 else 2 * (served & expected).sum() / denominator
-    assert dice >= 0.99 and (served == expected).mean() > 0.999
+    assert np.array_equal(served > 0, expected)  # the one predictor behind both
 
 
 def test_monai_label_trains_versions_weights_and_picks_next_images(tmp_path, converted_sample):

@@ -207,6 +207,32 @@ def test_each_series_and_each_name_is_a_case_of_its_own(reference):
     assert (series4["affine"][2][3], series7["affine"][2][3]) == (0.0, 50.0)  # each where its own slices are
 
 
+def test_a_dicom_seg_beside_its_series_is_left_out_not_a_case(reference, tmp_path):
+    """The SEG tumorseg-predict wrote, copied into its series' folder (as a PACS export holds
+    both): the folder is still one case of its images, the SEG named in a note; the SEG on its
+    own, or a folder of SEGs only, is refused in one line."""
+    inputs, out, _ = reference
+    folder = tmp_path / "scan"
+    shutil.copytree(inputs["expected"]["scan"][0], folder)
+    seg = shutil.copy(out / "scan_seg.dcm", folder / "scan_seg.dcm")
+    assert pydicom.dcmread(seg).Modality == "SEG"
+    cases, errors, notes = find_cases([folder])
+    assert not errors and len(cases) == 1 and Path(seg) not in cases[0].files
+    assert [pydicom.dcmread(f).SOPInstanceUID for f in cases[0].files] == inputs["expected"]["scan"][1][1]
+    assert any("scan_seg.dcm (SEG)" in n and "left out" in n for n in notes), notes
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(seg, only / "a.dcm")
+    result = run(folder, only, only / "a.dcm", "-o", tmp_path / "out")
+    errors = lines(result, "error")
+    assert result.returncode == 1 and len(errors) == 2, result.stderr
+    assert any(line.startswith(f"error: {only}:") and "only derived objects" in line for line in errors), errors
+    assert any(line.startswith(f"error: {only / 'a.dcm'}:") and "DICOM SEG object" in line for line in errors), errors
+    assert "Traceback" not in result.stderr
+    assert "1 of 3 inputs predicted" in result.stdout
+    assert content(tmp_path / "out", "scan")["shape"] == content(out, "scan")["shape"]
+
+
 # ---- write failures -------------------------------------------------------------------------
 
 
@@ -338,13 +364,18 @@ def test_write_problems_are_told_in_plain_words(code, words):
     sidecars=st.lists(st.sampled_from(["README", "notes.txt", "DICOMDIR.md5", ".DS_Store"]), unique=True, max_size=3),
     twin=st.sampled_from([None, "nifti", "png", "dcm"]),
     repeats=st.integers(1, 3),
+    derived=st.lists(st.sampled_from(["SEG", "SR", "PR", "KO", "RTSTRUCT"]), max_size=2),
 )
-def test_folders_give_one_case_per_series_and_unique_names(tmp_path_factory, counts, sidecars, twin, repeats):
+def test_folders_give_one_case_per_series_and_unique_names(tmp_path_factory, counts, sidecars, twin, repeats, derived):
     root = tmp_path_factory.mktemp("prop")
     study = root / "scan"
     uids = [series(study, k, 8, 100.0 * k, k + 1, prefix=f"{k}_", n=n) for k, n in enumerate(counts)]
     for name in sidecars:
         (study / name).write_text("not an image")
+    for k, modality in enumerate(derived):  # a derived object of the first series (its header says so)
+        ds = pydicom.dcmread(study / "0_000.dcm")
+        ds.Modality, ds.SOPInstanceUID = modality, pydicom.uid.generate_uid()
+        ds.save_as(study / f"derived_{k}.dcm")
     inputs = [study] * repeats
     if twin == "nifti":
         nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.float32), np.eye(4)), root / "scan.nii.gz")
@@ -362,8 +393,10 @@ def test_folders_give_one_case_per_series_and_unique_names(tmp_path_factory, cou
     for case, k in zip(series_cases, range(len(counts))):
         assert [pydicom.dcmread(f).SOPInstanceUID for f in case.files] == uids[k][1]
     visible = [s for s in sidecars if not s.startswith(".")]
-    left_out = [n for n in notes if "left out" in n]  # one note for the sidecars, naming each
+    left_out = [n for n in notes if "neither" in n]  # one note for the sidecars, naming each
     assert len(left_out) == bool(visible) and all(s in left_out[0] for s in visible)
+    not_images = [n for n in notes if "derived objects" in n]  # and one for the derived objects
+    assert len(not_images) == bool(derived) and all(f"derived_{k}.dcm ({m})" in not_images[0] for k, m in enumerate(derived))
     assert any("named" in n and "predicted once" in n for n in notes) == (repeats > 1)
     protected, stems = output_plan(cases, root)  # the output folder holds the inputs
     names = [f"{stems[str(c)]}{suffix}".casefold() for c in cases for suffix in OUTPUT_SUFFIXES]

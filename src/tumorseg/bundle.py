@@ -12,7 +12,8 @@ _REPOSITORY_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "brain_tu
 BUNDLE = Path(os.environ.get("TUMORSEG_BUNDLE") or _REPOSITORY_BUNDLE)
 
 # the config files each workflow layers, in order (as `python -m monai.bundle run --config_file`):
-# the one definition of the layers; `tumorseg-configs WORKFLOW` prints it for the shell
+# the one definition of the layers; `python -m tumorseg.bundle WORKFLOW [FILE ...]` prints them for
+# the shell (the Makefile's commands take them from there)
 WORKFLOWS = {
     "train": ("common.yaml", "train.yaml"),
     "train_negatives": ("common.yaml", "train.yaml", "train_negatives.yaml"),  # a stage of the recipe
@@ -146,3 +147,25 @@ def check_invocation(argv: list[str] | None = None) -> None:
             f"error: {where.resolve()}: not a bundle folder ({shown}; the bundle's paths, models/ and eval/, "
             f"come from it); run: {command(workflow or 'inference', bundle)}"
         )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tumorseg.bundle WORKFLOW [FILE ...] [--bundle DIR]``: the ``--config_file``
+    value of ``WORKFLOW`` (its layers, then each ``FILE``: a user's settings on top), as a list
+    literal for ``python -m monai.bundle run --config_file``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tumorseg.bundle", description=main.__doc__)
+    parser.add_argument("workflow", choices=sorted(WORKFLOWS))
+    parser.add_argument("files", nargs="*", help="config files layered on top, in order")
+    parser.add_argument("--bundle", default=None, help="the bundle folder (default: this package's bundle)")
+    args = parser.parse_args(argv)
+    bundle = Path(args.bundle) if args.bundle else BUNDLE
+    layers = [
+        os.path.relpath(f) if Path(f).resolve().is_relative_to(Path.cwd()) else f for f in config_files(args.workflow, bundle)
+    ]
+    print("[" + ",".join(f"'{f}'" for f in [*layers, *args.files]) + "]")
+
+
+if __name__ == "__main__":
+    main()

@@ -117,9 +117,14 @@ def folder_cases(folder: Path) -> tuple[list[Input], list[str], list[str]]:
     if images:  # a folder of files: each file its own case
         return [Input(p) for p in files if p in images | dicoms], [], notes
     try:  # a DICOM study: one case per series
-        series = dicom_series(sorted(dicoms))
+        series, derived = dicom_series(sorted(dicoms))
     except InputError as e:
         return [], [str(e)], notes
+    listed = ", ".join(f"{p.name} ({modality})" for p, modality in derived[:5]) + (", ..." if len(derived) > 5 else "")
+    if not series:
+        return [], [f"{folder}: no DICOM images in it, only derived objects ({listed})"], notes
+    if derived:  # e.g. the DICOM SEG of an earlier prediction, copied beside its series
+        notes.append(f"{folder}: {len(derived)} DICOM file(s) of derived objects, not images, left out ({listed})")
     labels = _series_labels(series)
     return [Input(folder, s.uid, tuple(s.files), label, s.description) for s, label in zip(series, labels)], [], notes
 

@@ -181,20 +181,34 @@ class Series:
     description: str = ""
 
 
-def dicom_series(files: list[Path]) -> list[Series]:
+# DICOM objects made of images, not images themselves (a segmentation, as tumorseg-predict writes
+# beside a series, a structured report, a presentation state, a key-object selection, RT
+# structures, a registration): left out of a folder's series, refused as an input of their own
+DERIVED_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC"}
+
+
+def dicom_series(files: list[Path]) -> tuple[list[Series], list[tuple[Path, str]]]:
     """``files`` grouped by ``SeriesInstanceUID`` (headers only, pixels are not decoded), in the
-    order of each series' first file. A file whose header is unreadable raises
-    :class:`InputError` naming it: it could belong to any series."""
+    order of each series' first file; and the files that hold a derived object (``Modality`` in
+    ``DERIVED_MODALITIES``: a DICOM SEG beside its series) with their modality, left out. A file
+    whose header is unreadable raises :class:`InputError` naming it: it could belong to any series."""
     import pydicom
 
     series: dict[str, Series] = {}
+    derived: list[tuple[Path, str]] = []
     for f in files:
         try:
             ds = pydicom.dcmread(
-                f, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SeriesNumber", "SeriesDescription"]
+                f,
+                stop_before_pixels=True,
+                specific_tags=["SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality"],
             )
         except Exception as e:
             raise InputError(f"{f}: unreadable DICOM ({e.__class__.__name__}: {e})") from None
+        modality = str(ds.get("Modality", "") or "").upper()
+        if modality in DERIVED_MODALITIES:
+            derived.append((f, modality))
+            continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
         if uid not in series:
             try:
@@ -203,7 +217,7 @@ def dicom_series(files: list[Path]) -> list[Series]:
                 number = None
             series[uid] = Series(uid, [], number, str(ds.get("SeriesDescription", "") or ""))
         series[uid].files.append(f)
-    return list(series.values())
+    return list(series.values()), derived
 
 
 # what placing the slices of a series in space needs: tag -> number of values
@@ -237,6 +251,9 @@ def _read_dicom_file(path: Path):
         samples, frames = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("NumberOfFrames", 1) or 1)
     except Exception as e:
         raise InputError(f"{path}: unreadable DICOM ({e.__class__.__name__}: {e})") from None
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality in DERIVED_MODALITIES:
+        raise InputError(f"{path}: a DICOM {modality} object, made of images but not one: only images are read")
     # a colour image is a screenshot, a secondary capture or a colour map: grey made of it is not
     # what the scanner measured, so it is refused rather than predicted silently wrong
     if samples > 1:
@@ -267,8 +284,11 @@ def read_dicom(path: Path, files: list[Path] | None = None) -> Case:
     import torch
     from monai.data import MetaTensor
 
-    if files is None:
-        files = sorted(p for p in path.iterdir() if p.is_file() and is_dicom_file(p)) if path.is_dir() else [path]
+    if files is None and path.is_dir():  # a DICOM SEG or report beside the series is not a slice of it
+        found = sorted(p for p in path.iterdir() if p.is_file() and is_dicom_file(p))
+        files = [f for s in dicom_series(found)[0] for f in s.files]
+    elif files is None:
+        files = [path]
     loaded = [(f, _read_dicom_file(f)) for f in files]
     if not loaded:
         raise InputError(f"{path}: no DICOM files")
