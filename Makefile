@@ -53,8 +53,11 @@ demo: setup
 	@echo "look at: $(RUN)/predictions/*_overlay.png (masks and overlays of the shipped model; anatomical_overlay.png: a healthy volume),"
 	@echo "         $(RUN)/shipped/evaluate_$(EVAL_LIST)/report.html, and the runs above in 'make mlflow-ui' (http://127.0.0.1:5000)"
 
+# the suite in TEST_WORKERS processes (pytest-xdist; a test file stays in one worker, so its
+# fixtures are made once), one OpenMP thread each: most tests wait on subprocesses and servers
+TEST_WORKERS ?= auto
 test: setup
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # ruff (lint and format) and mypy (types of src/), configured in pyproject.toml; fails on any finding
 lint: setup
