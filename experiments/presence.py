@@ -20,7 +20,7 @@ presence threshold ``min_peak`` in ``MIN_PEAKS`` and 3D rule ``min_run`` in ``MI
 The network runs once per slice at the lowest ``min_peak`` (the box fit cuts its boxes at fixed
 levels, so its box does not depend on ``min_peak``); a higher ``min_peak`` only clears slices
 whose peak probability is below it, and ``min_run`` only clears tumours spanning fewer
-slices (``tumorseg.inference.predictor.drop_short_tumours``), so every setting is read from the same pass.
+slices (``tumorseg.postprocessing.volume.drop_short_tumours``), so every setting is read from the same pass.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ REAL_LISTS = {  # data_tools.healthy --real/--other-tumours: list -> the figure 
 
 def table(slices_valid, slices_healthy, volumes, real: dict | None = None) -> list[dict]:
     """One row per (min_peak, min_run); ``real``: records of the REAL_LISTS present."""
-    from tumorseg.inference.predictor import drop_short_tumours
+    from tumorseg.postprocessing.volume import drop_short_tumours
 
     rows = []
     for min_peak in MIN_PEAKS:

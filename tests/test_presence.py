@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tumorseg.inference.predictor import drop_short_tumours
 from tumorseg.postprocessing.transforms import PresenceGate, PresenceGated
+from tumorseg.postprocessing.volume import drop_short_tumours
 
 
 def test_gate_clears_slices_without_foreground_or_confidence():

@@ -13,7 +13,8 @@ imported on demand, so ``import tumorseg`` stays light):
   (flip TTA, CPU bf16), ``onnx_runtime``, ``predict`` (the ``tumorseg-predict`` command and the
   bundle inference's engine), ``dicomweb`` (studies and series on a PACS).
 - ``tumorseg.postprocessing``: ``transforms`` (presence gate, box fit), ``refine`` (the second
-  stage), ``presence`` (the learned presence decision).
+  stage), ``presence`` (the learned presence decision), ``volume`` (the 3D rule of a stacked
+  volume, keep-largest).
 - ``tumorseg.training``: ``losses`` (the poster's Dice + focal loss), ``handlers`` (ignite
   handlers: checkpoints, metrics log, validation panels, report), ``recipe`` (every stage of the
   training recipe from one command).

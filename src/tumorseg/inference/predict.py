@@ -291,12 +291,9 @@ def predict_case(
     except InputError as e:
         raise InputError(f"{given}: {e}") from None
     if keep_largest and mask.any():
-        import torch
-        from monai.transforms import KeepLargestConnectedComponent
+        from tumorseg.postprocessing.volume import keep_largest as largest
 
-        largest = KeepLargestConnectedComponent(applied_labels=[1])
-        mask = largest(torch.as_tensor(mask[None].astype(np.uint8)))[0].numpy() > 0
-        shown_mask = largest(torch.as_tensor(shown_mask[None].astype(np.uint8)))[0].numpy() > 0
+        mask, shown_mask = largest(mask), largest(shown_mask)
     folder = output if isinstance(output, OutputFolder) else OutputFolder(Path(output), {path})
     output = folder.root
     stem = stem or _stem(path)

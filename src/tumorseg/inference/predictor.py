@@ -54,39 +54,6 @@ def checked_checkpoint(checkpoint: str | Path, network) -> str:
     return str(checkpoint)
 
 
-def drop_short_tumours(mask, min_run: int):
-    """``mask`` (x, y, slices) without the flagged regions that look like no 3D object.
-
-    A tumour shows on neighbouring slices at the same place. A connected region of the stacked
-    slice masks (``scipy.ndimage.label``, face connectivity: in-plane overlap from one slice to
-    the next) is kept if it spans at least ``min_run`` slices, or if its slices lie in a run of
-    more than ``min_run`` consecutive flagged slices (a tumour whose box shifts from slice to
-    slice, or a stack of unrelated tumour slices); anything else (a lone flagged slice, boxes
-    that jump around on a few slices) is cleared. Stacks of fewer than three slices have no 3D
-    context and are left as they are."""
-    import numpy as np
-    from scipy import ndimage
-
-    mask = np.asarray(mask, dtype=bool)
-    if min_run <= 1 or mask.shape[-1] < 3 or not mask.any():
-        return mask
-    flagged = mask.reshape(-1, mask.shape[-1]).any(0)
-    in_long_run = np.zeros_like(flagged)
-    start = None
-    for k, f in enumerate([*flagged, False]):
-        if f and start is None:
-            start = k
-        elif not f and start is not None:
-            in_long_run[start:k] = k - start > min_run
-            start = None
-    labels, n = ndimage.label(mask)
-    keep = np.zeros(n + 1, dtype=bool)
-    for index, region in enumerate(ndimage.find_objects(labels), start=1):
-        span = region[-1]
-        keep[index] = span.stop - span.start >= min_run or in_long_run[span].all()
-    return keep[labels]
-
-
 class Predictor:
     """The bundle's network, weights and inference settings, applied to batches of slices.
 
@@ -102,7 +69,7 @@ class Predictor:
         postprocessing: dict transform from ``{image_key, pred_key: logits}`` to a 0/1 mask.
         min_peak, min_foreground: the presence gate's settings (slices with too little foreground
             are not run at all).
-        min_run: volumes: tumours spanning fewer slices are cleared (:func:`drop_short_tumours`).
+        min_run: volumes: tumours spanning fewer slices are cleared (:func:`~tumorseg.postprocessing.volume.drop_short_tumours`).
         threshold, tta, box_fit, refine: recorded in each case's summary (``refine``: the box fit's
             boxes refined by the second stage, a step of ``postprocessing``).
         batch_size: slices of a volume run through the network together.
@@ -235,7 +202,7 @@ class Predictor:
         along ``axis``. Slices with too little foreground (relative to ``reference``, the case's
         intensity range; default the volume's) are not run through the network; in a volume,
         tumours spanning fewer than ``min_run`` slices are cleared (config ``min_run``,
-        :func:`drop_short_tumours`)."""
+        :func:`~tumorseg.postprocessing.volume.drop_short_tumours`)."""
         volume = np.asarray(volume, dtype=np.float32)
         if not np.isfinite(volume).all():
             raise InputError("contains NaN or infinite values")
@@ -245,6 +212,8 @@ class Predictor:
             return masks[0], peaks
         moved = np.moveaxis(volume, axis, -1)
         masks, peaks = self.predict_slices([moved[..., k] for k in range(moved.shape[-1])], (lo, hi))
+        from tumorseg.postprocessing.volume import drop_short_tumours
+
         stacked = drop_short_tumours(np.stack(masks, axis=-1), self.min_run)
         return np.moveaxis(stacked, -1, axis), peaks
 
