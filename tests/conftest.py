@@ -19,6 +19,26 @@ BUNDLE = REPO / "bundles" / "brain_tumor_mri_seg"
 CONFIGS = BUNDLE / "configs"
 
 
+def _digests(folder: Path) -> dict[str, tuple[int, int]]:
+    """Each file's checksum and modification time: a file changed and put back shows too."""
+    import zlib
+
+    return {str(p): (zlib.crc32(p.read_bytes()), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_inputs_untouched():
+    """The embedded sample and the shipped weights are inputs of many tests (the converted
+    datalist names the sample's own files): no test may change them, even for a while (tests run
+    side by side, another worker may be reading them)."""
+    watched = [SAMPLE, BUNDLE / "models"]
+    before = [_digests(f) for f in watched]
+    yield
+    after = [_digests(f) for f in watched]
+    changed = [p for b, a in zip(before, after) for p in sorted(set(b) | set(a)) if b.get(p) != a.get(p)]
+    assert not changed, f"tests changed the repository's inputs: {changed[:5]}"
+
+
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python <args>`` as users do, capturing text output. ``-m monai.bundle`` runs get
     ``--bundle_root`` of the repository's bundle unless they give one (as the README's commands do)."""

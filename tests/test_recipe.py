@@ -139,8 +139,15 @@ def test_a_stage_that_fails_mid_run_ends_its_mlflow_runs_failed_and_resume_finis
 
     data, out = tmp_path / "dataset", tmp_path / "run"
     shutil.copytree(converted_sample, data)
-    first = json.loads((data / "datalist.json").read_text())["training"][0]["image"]
-    image = data / first
+    # the datalist's images are the sample's own files: the first one copied into the dataset
+    # and pointed to there, so that breaking it leaves the repository's sample alone
+    datalist = json.loads((data / "datalist.json").read_text())
+    source = (data / datalist["training"][0]["image"]).resolve()
+    image = data / "broken" / source.name
+    image.parent.mkdir()
+    shutil.copy(source, image)
+    datalist["training"][0]["image"] = str(image.relative_to(data))
+    (data / "datalist.json").write_text(json.dumps(datalist))
     good = image.read_bytes()
     image.write_bytes(good[: len(good) // 4])
     extra = ["--recipe_stages", "['segmentation']", "--cache_rate", "0"]

@@ -60,8 +60,7 @@ class CPUAutocastInferer(Inferer):
     """Runs ``inferer`` under ``torch.autocast("cpu", bfloat16)`` and returns float32 logits.
 
     MONAI's engines only autocast on CUDA (``amp``); on a CPU with native bfloat16 this is the
-    CPU's mixed precision: a training step of the bundle's UNet at 256 px ran 1.61x faster on an
-    AMD EPYC with AVX512-BF16 (``benchmarks/README.md``, "Time to Dice"). bfloat16 keeps
+    CPU's mixed precision (its speed-up: ``benchmarks/README.md``, "Time to Dice"). bfloat16 keeps
     float32's exponent range, so no gradient scaler is needed; the loss is computed on the
     float32 output.
 

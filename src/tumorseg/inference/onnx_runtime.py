@@ -1,10 +1,8 @@
 """The bundle's network run by ONNX Runtime on the CPU, behind the ``nn.Module`` interface that
 MONAI's inferers call (sliding window, flip TTA), so nothing else changes.
 
-On 2 CPU cores ONNX Runtime predicted the 189-slice MNI152 volume 1.9x faster than eager PyTorch
-(1.10 against 2.10 s without TTA, 3.77 against 7.22 s with it; ``benchmarks/README.md``), with
-logits within 1e-4 of eager's.
-The graph is exported once per set
+On CPU cores ONNX Runtime predicts faster than eager PyTorch (figures: ``benchmarks/README.md``),
+with logits within 1e-4 of eager's (``tests/test_onnx_runtime.py``). The graph is exported once per set
 of weights and network settings with ``torch.onnx.export`` (batch dimension dynamic, windows of the
 training size) and kept in a cache folder (``TUMORSEG_CACHE``, default ``~/.cache/tumorseg``),
 written atomically; a later run loads it in well under a second. Inference runs two such
