@@ -46,6 +46,7 @@ RECIPES = {  # name: override files, applied in order on train.yaml
     # the second negatives stage with the batch and the per-image Dice terms summed
     "dice_both_refine": ["restart", "negatives", "negatives_refine", "dice_both"],
     "quarter_turns_refine": ["restart", "negatives", "negatives_refine", "quarter_turns"],
+    "attention_unet": ["attention_unet"],  # the poster's stronger network: attention gates on the skips
 }
 
 
