@@ -138,7 +138,7 @@ def read_slice(path: Path):
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(pil_grey(im), dtype=np.float32).T
+            return np.array(pil_grey(im), dtype=np.float32).T  # a copy: writable, as torch wants it
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: unreadable image ({e.__class__.__name__}: {e})") from None
 
