@@ -51,6 +51,24 @@ def pairs(predictor, items: list[dict]) -> np.ndarray:
     return out
 
 
+def look_of_another_collection(image):
+    """A batch of (N, 1, H, W) slices in [0, 1]-ish, each given another collection's look: a
+    random gamma (0.5 to 2), inverted contrast for a quarter of them (a T2-like look), and for half
+    of them a lower resolution (down to 0.35x, back up)."""
+    import torch
+    import torch.nn.functional as F
+
+    n, size = len(image), image.shape[-1]
+    x = image.clamp(0, 1)
+    x = x ** torch.exp(torch.empty(n, 1, 1, 1).uniform_(-0.7, 0.7))
+    inverted = torch.rand(n, 1, 1, 1) < 0.25
+    x = torch.where(inverted, (1 - x) * (x > 0.05), x)  # the background stays dark
+    if torch.rand(1) < 0.5:
+        low = int(size * float(torch.empty(1).uniform_(0.35, 1.0)))
+        x = F.interpolate(F.interpolate(x, size=low, mode="area"), size=size, mode="bilinear", align_corners=False)
+    return x
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset_dir", type=Path, required=True)
@@ -59,6 +77,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--other_repeat", type=int, default=10)
     ap.add_argument("--min_sensitivity", type=float, default=0.98)
+    ap.add_argument(
+        "--collection_aug",
+        action="store_true",
+        help="blur the look of a collection in training: random gamma, inverted contrast, lower resolution",
+    )
     args = ap.parse_args()
     import torch
     from monai.data import load_decathlon_datalist
@@ -119,6 +142,8 @@ def main() -> None:
             xb = torch.rot90(xb, int(torch.randint(4, (1,))), (-2, -1))
             xb = xb.clone()
             xb[:, :1] = xb[:, :1] * (1 + 0.1 * torch.randn(len(idx), 1, 1, 1)) + 0.1 * torch.randn(len(idx), 1, 1, 1)
+            if args.collection_aug:  # the healthy slices' collections: other sequences, web-sized
+                xb[:, :1] = look_of_another_collection(xb[:, :1])
             loss = loss_fn(net(xb)[:, 0], yt[idx])
             opt.zero_grad()
             loss.backward()
