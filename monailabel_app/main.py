@@ -120,20 +120,6 @@ def is_volume(path) -> bool:
     return path.is_dir() or path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
-def mask_nifti(case, mask) -> bytes:
-    """The mask as ``tumorseg-predict`` writes it (``<name>_seg.nii.gz``): the input's affine (and
-    header, for NIfTI), uint8 0/1."""
-    import numpy as np
-
-    from tumorseg.io.writing import nifti_gz_bytes
-
-    if case.kind == "nifti":
-        shape = case.nifti.shape
-        data = mask.reshape(shape) if int(np.prod(shape)) == mask.size else mask
-        return nifti_gz_bytes(data, case.nifti.affine, case.nifti.header.copy())
-    return nifti_gz_bytes(mask, np.asarray(case.image.affine))
-
-
 def read_label(case, path):
     """A label volume (NIfTI) of ``case``, as an (x, y, z) bool array in the case's voxel order;
     refused (``InputError``) unless it has the case's shape and affine: a label of another
@@ -420,6 +406,7 @@ class SeriesDatastore(DICOMWebDatastore):
         import pydicom
 
         from tumorseg.io.reading import InputError, read_case
+        from tumorseg.io.writing import mask_bytes
 
         folder = self.get_image_uri(image_id)
         info = self._series(label_id)
@@ -432,7 +419,7 @@ class SeriesDatastore(DICOMWebDatastore):
                 logger.warning(f"{self._root}: DICOM SEG {label_id} of series {image_id} left out: {e}")
                 return ""
             path = Path(tmp) / "label.nii.gz"
-            path.write_bytes(mask_nifti(case, mask))
+            path.write_bytes(mask_bytes(case, mask))
             LocalDatastore.save_label(self, image_id, str(path), label_tag, {"SeriesInstanceUID": label_id, "Modality": "SEG"})
         return LocalDatastore.get_label_uri(self, image_id, label_tag)
 
@@ -554,7 +541,7 @@ class Bundle2DInferTask(BundleInferTask):
         ``<name>_seg.nii.gz`` (a volume)."""
         from tumorseg.inference.predict import case_mask
         from tumorseg.io.reading import InputError, read_case
-        from tumorseg.io.writing import png_bytes
+        from tumorseg.io.writing import mask_bytes
 
         start = time.time()
         try:
@@ -564,7 +551,7 @@ class Bundle2DInferTask(BundleInferTask):
         except InputError as e:
             raise PacsError(f"{Path(request['image']).name}: {e}", 422) from None
         with tempfile.NamedTemporaryFile(suffix=".png" if case.kind == "slice" else ".nii.gz", delete=False) as f:
-            f.write(png_bytes(mask) if case.kind == "slice" else mask_nifti(case, mask))
+            f.write(mask_bytes(case, mask))  # as tumorseg-predict writes it
         logger.info(f"Infer model path: {predictor.checkpoint}; volume {list(mask.shape)}, {int(mask.sum())} tumour voxels")
         return f.name, {
             "label_names": self.labels,

@@ -60,9 +60,14 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
+def _shown(path: Path | str) -> str:
+    """``path`` as a person types it here: relative where it lies under the working directory."""
+    return os.path.relpath(Path(path).resolve()) if Path(path).resolve().is_relative_to(Path.cwd()) else str(path)
+
+
 def command(workflow: str, bundle: Path | str = BUNDLE, run_id: str | None = None) -> str:
     """The ``python -m monai.bundle run`` command line of ``workflow``, with its config layers."""
-    root = os.path.relpath(Path(bundle).resolve()) if Path(bundle).resolve().is_relative_to(Path.cwd()) else str(bundle)
+    root = _shown(bundle)
     files = ",".join(f"'{root}/configs/{name}'" for name in WORKFLOWS[workflow])
     default_id = {
         "train": "training",
@@ -161,9 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bundle", default=None, help="the bundle folder (default: this package's bundle)")
     args = parser.parse_args(argv)
     bundle = Path(args.bundle) if args.bundle else BUNDLE
-    layers = [
-        os.path.relpath(f) if Path(f).resolve().is_relative_to(Path.cwd()) else f for f in config_files(args.workflow, bundle)
-    ]
+    layers = [_shown(f) for f in config_files(args.workflow, bundle)]
     print("[" + ",".join(f"'{f}'" for f in [*layers, *args.files]) + "]")
 
 

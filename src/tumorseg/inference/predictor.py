@@ -12,6 +12,7 @@ import numpy as np
 
 from tumorseg.bundle import BUNDLE
 from tumorseg.io.reading import InputError
+from tumorseg.postprocessing.volume import drop_short_tumours
 
 
 def read_state(checkpoint: Path, device="cpu") -> dict:
@@ -212,8 +213,6 @@ class Predictor:
             return masks[0], peaks
         moved = np.moveaxis(volume, axis, -1)
         masks, peaks = self.predict_slices([moved[..., k] for k in range(moved.shape[-1])], (lo, hi))
-        from tumorseg.postprocessing.volume import drop_short_tumours
-
         stacked = drop_short_tumours(np.stack(masks, axis=-1), self.min_run)
         return np.moveaxis(stacked, -1, axis), peaks
 

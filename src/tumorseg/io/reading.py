@@ -187,6 +187,12 @@ class Series:
 DERIVED_MODALITIES = {"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTRECORD", "REG", "DOC"}
 
 
+def derived_modality(ds) -> str | None:
+    """The ``Modality`` of a dataset that holds a derived object (``DERIVED_MODALITIES``), else None."""
+    modality = str(ds.get("Modality", "") or "").upper()
+    return modality if modality in DERIVED_MODALITIES else None
+
+
 def dicom_series(files: list[Path]) -> tuple[list[Series], list[tuple[Path, str]]]:
     """``files`` grouped by ``SeriesInstanceUID`` (headers only, pixels are not decoded), in the
     order of each series' first file; and the files that hold a derived object (``Modality`` in
@@ -205,8 +211,8 @@ def dicom_series(files: list[Path]) -> tuple[list[Series], list[tuple[Path, str]
             )
         except Exception as e:
             raise InputError(f"{f}: unreadable DICOM ({e.__class__.__name__}: {e})") from None
-        modality = str(ds.get("Modality", "") or "").upper()
-        if modality in DERIVED_MODALITIES:
+        modality = derived_modality(ds)
+        if modality:
             derived.append((f, modality))
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
@@ -251,8 +257,8 @@ def _read_dicom_file(path: Path):
         samples, frames = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("NumberOfFrames", 1) or 1)
     except Exception as e:
         raise InputError(f"{path}: unreadable DICOM ({e.__class__.__name__}: {e})") from None
-    modality = str(ds.get("Modality", "") or "").upper()
-    if modality in DERIVED_MODALITIES:
+    modality = derived_modality(ds)
+    if modality:
         raise InputError(f"{path}: a DICOM {modality} object, made of images but not one: only images are read")
     # a colour image is a screenshot, a secondary capture or a colour map: grey made of it is not
     # what the scanner measured, so it is refused rather than predicted silently wrong

@@ -269,18 +269,24 @@ def _stage(path: Path, data: bytes) -> Path:
     return Path(tmp)
 
 
+def mask_bytes(case, mask: np.ndarray) -> bytes:
+    """The mask file of ``case`` (:class:`~tumorseg.io.reading.Case`), uint8 0/1 in its voxel
+    order: a PNG for a slice (``<name>_seg.png``), else a NIfTI (``<name>_seg.nii.gz``) with the
+    input's affine (and, for a NIfTI input, its header; a 4D file of one volume keeps its shape)."""
+    if case.kind == "slice":
+        return png_bytes(mask)
+    if case.kind == "nifti":
+        shape = case.nifti.shape
+        data = mask.reshape(shape) if int(np.prod(shape)) == mask.size else mask
+        return nifti_gz_bytes(data, case.nifti.affine, case.nifti.header.copy())
+    return nifti_gz_bytes(mask, np.asarray(case.image.affine))
+
+
 def encode_outputs(case, mask: np.ndarray, outputs: dict[str, Path], overlay: bytes, summary: dict) -> tuple[dict, dict]:
     """The bytes of every output of a case (mask in ``case``'s format and voxel order, DICOM SEG
     for DICOM, ``overlay``, the ``summary`` with the paths added), keyed by path; and the summary."""
-    files = {}
-    if case.kind == "slice":
-        files[outputs["mask"]] = png_bytes(mask)
-    elif case.kind == "nifti":
-        shape = case.nifti.shape  # a 4D file with one volume keeps its 4D shape
-        data = mask.reshape(shape) if int(np.prod(shape)) == mask.size else mask
-        files[outputs["mask"]] = nifti_gz_bytes(data, case.nifti.affine, case.nifti.header.copy())
-    else:
-        files[outputs["mask"]] = nifti_gz_bytes(mask, np.asarray(case.image.affine))
+    files = {outputs["mask"]: mask_bytes(case, mask)}
+    if case.kind == "dicom":
         try:
             files[outputs["dicom_seg"]] = seg_bytes(mask if mask.ndim == 3 else mask[..., None], case.datasets)
         except Exception as e:  # highdicom checks the source series: say what it missed
