@@ -8,6 +8,8 @@ The map comes from the frozen first stage (``Predictor.probability_maps``, TTA);
 hash of each file: tumour slices of the healthy slices' own collections, so that the look of a
 collection does not tell the answer), the threshold chosen on ``validation`` and
 ``healthy_select``; the other half of ``other_tumours`` and ``healthy_real`` are only reported.
+With ``--paste P`` the CNN reads the slice alone, and a tumour-free training slice gets a Kaggle
+tumour pasted in with probability P (``tumorseg.training.paste.PasteTumours``, labelled tumour).
 """
 
 from __future__ import annotations
@@ -51,6 +53,22 @@ def pairs(predictor, items: list[dict]) -> np.ndarray:
     return out
 
 
+def label_boxes(items: list[dict]) -> np.ndarray:
+    """(N, 1, SIZE, SIZE) uint8: each item's label in the frame of :func:`pairs` (zeros without one)."""
+    import torch
+    from monai.transforms import Resize, ResizeWithPadOrCrop
+
+    from tumorseg.io.reading import read_slice
+
+    out = np.zeros((len(items), 1, SIZE, SIZE), np.uint8)
+    shrink, square = Resize(SIZE, size_mode="longest", mode="nearest"), ResizeWithPadOrCrop((SIZE, SIZE))
+    for k, item in enumerate(items):
+        if "label" in item:
+            label = torch.as_tensor(read_slice(Path(item["label"])) > 0, dtype=torch.float32)[None]
+            out[k] = np.asarray(square(shrink(label)) > 0.5, np.uint8)
+    return out
+
+
 def look_of_another_collection(image):
     """A batch of (N, 1, H, W) slices in [0, 1]-ish, each given another collection's look: a
     random gamma (0.5 to 2), inverted contrast for a quarter of them (a T2-like look), and for half
@@ -81,6 +99,13 @@ def main() -> None:
         "--collection_aug",
         action="store_true",
         help="blur the look of a collection in training: random gamma, inverted contrast, lower resolution",
+    )
+    ap.add_argument(
+        "--paste",
+        type=float,
+        default=0.0,
+        help="probability that a tumour-free training slice gets a Kaggle tumour pasted in "
+        "(tumorseg.training.paste.PasteTumours; the CNN then reads the slice alone, no map)",
     )
     args = ap.parse_args()
     import torch
@@ -115,12 +140,21 @@ def main() -> None:
         predictor = Predictor.from_bundle(BUNDLE, args.checkpoint, {"runtime": "torch"}, tta=True)
         data = {key: pairs(predictor, items) for key, items in sets.items()}
         np.savez(cache, **data)
+    boxes = None
+    if args.paste:  # the donors' boxes, in the frame of the cached slices
+        boxes = torch.as_tensor(label_boxes(sets["train"]))
+        from tumorseg.training.paste import PasteTumours
+
+        paste = PasteTumours(prob=args.paste)
     labels = {key: np.array([int(i.get("tumour", 1)) for i in items]) for key, items in sets.items()}
     # the other-collection tumours repeated, so a handful weigh against hundreds of real negatives
     x = np.concatenate([data["train"]] + [data["train"][-len(others["train"]) :]] * (args.other_repeat - 1))
     y = np.concatenate([labels["train"]] + [labels["train"][-len(others["train"]) :]] * (args.other_repeat - 1))
     torch.manual_seed(0)
-    net = Classifier(in_shape=(2, SIZE, SIZE), classes=1, channels=(16, 32, 64, 128), strides=(2, 2, 2, 2),
+    channels_in = 1 if args.paste else 2
+    if boxes is not None:
+        boxes = torch.cat([boxes] + [boxes[-len(others["train"]) :]] * (args.other_repeat - 1))
+    net = Classifier(in_shape=(channels_in, SIZE, SIZE), classes=1, channels=(16, 32, 64, 128), strides=(2, 2, 2, 2),
                      num_res_units=1, dropout=0.2)  # fmt: skip
     opt = torch.optim.Adam(net.parameters(), 1e-3, weight_decay=1e-4)
     steps = args.epochs * (len(y) // 32 + 1)
@@ -134,7 +168,9 @@ def main() -> None:
         total = 0.0
         for i in range(0, len(order), 32):
             idx = order[i : i + 32]
-            xb = xt[idx]
+            xb, yb = xt[idx], yt[idx].clone()
+            if boxes is not None:  # the slice and its box, turned together
+                xb = torch.cat([xb[:, :1], boxes[idx].float()], 1)
             if torch.rand(1) < 0.5:
                 xb = xb.flip(-1)
             if torch.rand(1) < 0.5:
@@ -142,9 +178,17 @@ def main() -> None:
             xb = torch.rot90(xb, int(torch.randint(4, (1,))), (-2, -1))
             xb = xb.clone()
             xb[:, :1] = xb[:, :1] * (1 + 0.1 * torch.randn(len(idx), 1, 1, 1)) + 0.1 * torch.randn(len(idx), 1, 1, 1)
+            if boxes is not None:
+                xb, box = xb[:, :1].contiguous(), xb[:, 1]
+                donors = [int(i) for i in torch.nonzero(box.flatten(1).amax(1) > 0).flatten()]
+                for host in torch.nonzero(yb == 0).flatten().tolist():
+                    if donors and paste.rng.random() < paste.prob:
+                        donor = donors[int(paste.rng.integers(len(donors)))]
+                        paste._paste(xb[host, 0], box[host], xb[donor, 0], box[donor])
+                        yb[host] = 1.0
             if args.collection_aug:  # the healthy slices' collections: other sequences, web-sized
                 xb[:, :1] = look_of_another_collection(xb[:, :1])
-            loss = loss_fn(net(xb)[:, 0], yt[idx])
+            loss = loss_fn(net(xb)[:, 0], yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -155,7 +199,7 @@ def main() -> None:
     scores = {}
     with torch.no_grad():
         for key in ("validation", "healthy_select", "healthy_real", "other_heldout"):
-            xb = torch.as_tensor(data[key], dtype=torch.float32)
+            xb = torch.as_tensor(data[key][:, :channels_in], dtype=torch.float32)
             views = [xb, xb.flip(-1), xb.flip(-2), xb.flip(-1).flip(-2)]
             scores[key] = torch.stack([torch.sigmoid(net(v)[:, 0]) for v in views]).mean(0).numpy()
     candidates = np.linspace(0.01, 0.99, 99)
