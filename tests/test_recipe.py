@@ -100,13 +100,6 @@ def test_recipe_stage_alone_and_failures_in_one_line(converted_sample, tmp_path)
     assert "recipe stage negatives failed" in failed.stderr and "Traceback" not in failed.stderr
     unknown = run_cli(*recipe_command(converted_sample, tmp_path / "x", "--recipe_stages", "['segmentatoin']")[1:])
     assert unknown.returncode != 0 and "segmentatoin" in unknown.stderr
-    # a --dataset_dir that is not a converted folder: one line before any stage starts
-    not_a_folder = tmp_path / "notes.txt"
-    not_a_folder.write_text("not a dataset")
-    refused = run_cli(*recipe_command(not_a_folder, tmp_path / "y")[1:])
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr
-    assert "no datalist" in refused.stderr and "recipe:" not in refused.stdout
-    assert not (tmp_path / "y" / "models" / "stages").exists()
 
 
 def test_poster_recipe_is_one_override_file():

@@ -106,21 +106,9 @@ class Recipe:
         output_dir: where the stages' logs and metrics go.
         resume: skip the stages that are done, resume the current one.
         argv: the invoking command line (default ``sys.argv``: ``python -m monai.bundle run training ...``).
-        datalist, dataset_dir: when given, the datalist's ``training`` and ``validation`` lists are
-            checked before the first stage starts (a bad ``--dataset_dir`` is one line, not a failed stage).
     """
 
-    def __init__(
-        self,
-        stages,
-        bundle_root: str,
-        ckpt_dir: str,
-        output_dir: str,
-        resume: bool = False,
-        argv=None,
-        datalist: str | None = None,
-        dataset_dir: str | None = None,
-    ):
+    def __init__(self, stages, bundle_root: str, ckpt_dir: str, output_dir: str, resume: bool = False, argv=None):
         stages = [stages] if isinstance(stages, str) else list(stages)
         unknown = [s for s in stages if s not in STAGES]
         if unknown or not stages:
@@ -131,7 +119,6 @@ class Recipe:
         self.output_dir = Path(output_dir)
         self.resume = bool(resume)
         self.argv = list(sys.argv if argv is None else argv)
-        self.datalist, self.dataset_dir = datalist, dataset_dir
 
     def _folder(self, stage: str) -> Path:
         return self.ckpt_dir / "stages" / stage
@@ -151,14 +138,6 @@ class Recipe:
                 "error: the training recipe runs through the bundle's command line: "
                 "python -m monai.bundle run training --bundle_root <bundle> --config_file ..."
             )
-        if self.datalist is not None:
-            from tumorseg.io.reading import InputError, datalist_items
-
-            for key in ("training", "validation"):
-                try:
-                    datalist_items(self.datalist, key, self.dataset_dir or Path(self.datalist).parent)
-                except InputError as e:
-                    raise SystemExit(f"error: {e}") from None
         parent = self._parent_run_name()
         record: dict = {"recipe_run": parent, "stages": {}}
         for stage in self.stages:
