@@ -145,7 +145,7 @@ def main() -> None:
         boxes = torch.as_tensor(label_boxes(sets["train"]))
         from tumorseg.training.paste import PasteTumours
 
-        paste = PasteTumours(prob=args.paste)
+        paste, draws = PasteTumours(prob=args.paste), np.random.default_rng(0)
     labels = {key: np.array([int(i.get("tumour", 1)) for i in items]) for key, items in sets.items()}
     # the other-collection tumours repeated, so a handful weigh against hundreds of real negatives
     x = np.concatenate([data["train"]] + [data["train"][-len(others["train"]) :]] * (args.other_repeat - 1))
@@ -182,9 +182,9 @@ def main() -> None:
                 xb, box = xb[:, :1].contiguous(), xb[:, 1]
                 donors = [int(i) for i in torch.nonzero(box.flatten(1).amax(1) > 0).flatten()]
                 for host in torch.nonzero(yb == 0).flatten().tolist():
-                    if donors and paste.rng.random() < paste.prob:
-                        donor = donors[int(paste.rng.integers(len(donors)))]
-                        paste._paste(xb[host, 0], box[host], xb[donor, 0], box[donor])
+                    if donors and draws.random() < args.paste:
+                        donor = donors[int(draws.integers(len(donors)))]
+                        paste.paste_into(xb[host, 0], box[host], xb[donor, 0], box[donor])
                         yb[host] = 1.0
             if args.collection_aug:  # the healthy slices' collections: other sequences, web-sized
                 xb[:, :1] = look_of_another_collection(xb[:, :1])

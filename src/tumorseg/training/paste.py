@@ -75,11 +75,12 @@ class PasteTumours:
         image, label = image.clone(), label.clone()  # the collated batch may share the cache's memory
         for host in hosts:
             donor = donors[int(self.rng.integers(len(donors)))]
-            self._paste(image[host, 0], label[host, 0], image[donor, 0], label[donor, 0])
+            self.paste_into(image[host, 0], label[host, 0], image[donor, 0], label[donor, 0])
         return image, label
 
-    def _paste(self, host: torch.Tensor, host_label: torch.Tensor, donor: torch.Tensor, donor_label: torch.Tensor) -> None:
-        """Paste ``donor``'s tumour box into ``host`` (both ``(H, W)``, changed in place)."""
+    def paste_into(self, host: torch.Tensor, host_label: torch.Tensor, donor: torch.Tensor, donor_label: torch.Tensor) -> None:
+        """Paste ``donor``'s tumour box (``donor_label``: its binary label, not empty) into ``host``
+        and its box into ``host_label``; all ``(H, W)``, the host's changed in place."""
         rows = torch.nonzero(donor_label.amax(1) > 0).flatten()
         cols = torch.nonzero(donor_label.amax(0) > 0).flatten()
         y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
