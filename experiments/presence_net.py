@@ -33,21 +33,27 @@ def other_part(path: str, share: float = 0.5) -> str:
     return "train" if u < share else "heldout"
 
 
+def to_frame(mode: str):
+    """The CNN's frame: the longer side to SIZE (``mode``: the interpolation), padded square."""
+    from monai.transforms import Compose, Resize, ResizeWithPadOrCrop
+
+    return Compose([Resize(SIZE, size_mode="longest", mode=mode), ResizeWithPadOrCrop((SIZE, SIZE))])
+
+
 def pairs(predictor, items: list[dict]) -> np.ndarray:
     """(N, 2, SIZE, SIZE) float16: the preprocessed slice and its probability map, padded square."""
     import torch
-    from monai.transforms import Resize, ResizeWithPadOrCrop
 
     from tumorseg.io.reading import read_slice
 
     out = np.zeros((len(items), 2, SIZE, SIZE), np.float16)
-    shrink, square = Resize(SIZE, size_mode="longest", mode="area"), ResizeWithPadOrCrop((SIZE, SIZE))
+    frame = to_frame("area")
     for k, item in enumerate(items):
         image = read_slice(Path(item["image"]))
         pre, logits = predictor._logits([image])  # one network pass: the slice as fed and its logits
         prob = torch.sigmoid(logits[0][0]).float()
         x = torch.stack([torch.as_tensor(pre[0][predictor.image_key])[0], prob])
-        out[k] = np.asarray(square(shrink(x)), np.float16)
+        out[k] = np.asarray(frame(x), np.float16)
         print(f"\r{k + 1}/{len(items)}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return out
@@ -56,16 +62,15 @@ def pairs(predictor, items: list[dict]) -> np.ndarray:
 def label_boxes(items: list[dict]) -> np.ndarray:
     """(N, 1, SIZE, SIZE) uint8: each item's label in the frame of :func:`pairs` (zeros without one)."""
     import torch
-    from monai.transforms import Resize, ResizeWithPadOrCrop
 
     from tumorseg.io.reading import read_slice
 
     out = np.zeros((len(items), 1, SIZE, SIZE), np.uint8)
-    shrink, square = Resize(SIZE, size_mode="longest", mode="nearest"), ResizeWithPadOrCrop((SIZE, SIZE))
+    frame = to_frame("nearest")
     for k, item in enumerate(items):
         if "label" in item:
             label = torch.as_tensor(read_slice(Path(item["label"])) > 0, dtype=torch.float32)[None]
-            out[k] = np.asarray(square(shrink(label)) > 0.5, np.uint8)
+            out[k] = np.asarray(frame(label) > 0.5, np.uint8)
     return out
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.transforms.utils import generate_spatial_bounding_box
 
 __all__ = ["PasteTumours"]
 
@@ -81,25 +82,25 @@ class PasteTumours:
     def paste_into(self, host: torch.Tensor, host_label: torch.Tensor, donor: torch.Tensor, donor_label: torch.Tensor) -> None:
         """Paste ``donor``'s tumour box (``donor_label``: its binary label, not empty) into ``host``
         and its box into ``host_label``; all ``(H, W)``, the host's changed in place."""
-        rows = torch.nonzero(donor_label.amax(1) > 0).flatten()
-        cols = torch.nonzero(donor_label.amax(0) > 0).flatten()
-        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        (y0, x0), (y1, x1) = generate_spatial_bounding_box(donor_label[None])
         my, mx = round(self.margin * (y1 - y0)), round(self.margin * (x1 - x0))
         cy0, cy1 = max(0, y0 - my), min(donor.shape[0], y1 + my)
         cx0, cx1 = max(0, x0 - mx), min(donor.shape[1], x1 + mx)
         patch = donor[cy0:cy1, cx0:cx1]
         box = torch.zeros_like(patch)
         box[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0] = 1
-        # feathered edge: 1 in the box, falling to 0 across the margin (a distance of box growth)
+        # feathered edge: 1 in the box, falling to 0 across the margin with the (chessboard)
+        # distance d outside the box: a = clip(1 - d / feather, 0, 1)
         feather = max(1, max(my, mx))
-        alpha = box[None, None]
-        for _ in range(feather):  # one max-pool step grows the box by a pixel
-            alpha = torch.maximum(alpha, F.max_pool2d(alpha, 3, 1, 1) - 1.0 / feather)
-        alpha = alpha[0, 0].clamp(0, 1)
+        rows = torch.arange(cy0, cy1, dtype=patch.dtype)[:, None]
+        cols = torch.arange(cx0, cx1, dtype=patch.dtype)[None, :]
+        distance = torch.maximum((y0 - rows).clamp_min(0) + (rows - (y1 - 1)).clamp_min(0),
+                                 (x0 - cols).clamp_min(0) + (cols - (x1 - 1)).clamp_min(0))  # fmt: skip
+        alpha = (1 - distance / feather).clamp(0, 1)
         # brain statistics of both slices: the intensities of the donor's patch moved to the host's
         donor_brain = donor[donor >= self.brain_level * torch.quantile(donor, 0.99)]
-        host_level = self.brain_level * torch.quantile(host, 0.99)
-        host_brain = host[host >= host_level]
+        on_brain = host >= self.brain_level * torch.quantile(host, 0.99)
+        host_brain = host[on_brain]
         if donor_brain.numel() < 16 or host_brain.numel() < 16:
             return
         patch = (patch - donor_brain.mean()) / donor_brain.std().clamp_min(1e-3)
@@ -114,7 +115,7 @@ class PasteTumours:
         stack = F.interpolate(torch.stack([patch, alpha, box])[None].float(), size=size, mode="bilinear", align_corners=False)[0]
         patch, alpha, box = stack[0].to(host.dtype), stack[1].clamp(0, 1).to(host.dtype), (stack[2] > 0.5).to(host_label.dtype)
         # the patch's centre on a brain pixel of the host, the patch inside the slice
-        centres = torch.nonzero(host >= host_level)
+        centres = torch.nonzero(on_brain)
         cy, cx = (int(v) for v in centres[int(self.rng.integers(len(centres)))])
         h, w = size
         ty = min(max(0, cy - h // 2), host.shape[0] - h)
