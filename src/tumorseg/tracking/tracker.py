@@ -7,6 +7,7 @@ metrics and the store stay MONAI's.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
@@ -30,6 +31,8 @@ __all__ = [
     "training_run_id",
 ]
 
+
+logger = logging.getLogger(__name__)
 
 # what the logged pyfunc model imports (the bundle's inference), pinned to the versions at hand
 MODEL_REQUIREMENTS = (
@@ -230,7 +233,7 @@ class MLflowTracker(MLFlowHandler):
             self.client.set_tag(run_id, key, value)
         if self.parent_run:
             self.client.set_tag(run_id, "mlflow.parentRunId", self._recipe_run_id())
-        self._log_params_batched(environment_params())
+        self._log_params(environment_params())
         if self.source_checkpoint and Path(self.source_checkpoint).is_file():
             self._link_to_training_run(run_id, file_digest(self.source_checkpoint, None))
 
@@ -259,13 +262,24 @@ class MLflowTracker(MLFlowHandler):
             write_atomic(self.recipe_record, json.dumps(record).encode())
         return run.info.run_id
 
-    def _log_params_batched(self, params: dict) -> None:
+    def _log_params(self, params: dict) -> None:
+        """MONAI's, for a resumed run too. MLflow refuses to change a logged parameter, so a value
+        that differs from the first attempt's (the same datalist spelt another way, more epochs to
+        carry on with, another commit) is kept as the tag ``resumed.<key>`` and said in the log,
+        where MLflow's refusal used to end the stage; new ones go in batches of 100, MLflow's most."""
         assert self.cur_run is not None
-        logged = self.client.get_run(self.cur_run.info.run_id).data.params
-        todo = {k: v for k, v in params.items() if k not in logged}
-        items = list(todo.items())
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self._log_params(dict(items[i : i + 100]))
+        run_id = self.cur_run.info.run_id
+        logged = self.client.get_run(run_id).data.params
+        values = {key: str(value) for key, value in params.items()}
+        for key, value in values.items():
+            if key in logged and logged[key] != value:
+                logger.warning(
+                    "resumed run %s: %s was %r, now %r (tag resumed.%s)", self.cur_run.info.run_name, key, logged[key], value, key
+                )
+                self.client.set_tag(run_id, f"resumed.{key}", value)
+        todo = [(key, value) for key, value in values.items() if key not in logged]
+        for i in range(0, len(todo), 100):
+            super()._log_params(dict(todo[i : i + 100]))
 
     def _link_to_training_run(self, run_id: str, digest: str) -> None:
         self.client.set_tag(run_id, "checkpoint_sha256", digest)
