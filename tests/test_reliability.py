@@ -99,6 +99,26 @@ def test_training_killed_mid_epoch_resumes_into_the_same_mlflow_run(converted_sa
     assert steps == [1, 2, 3, 4]
 
 
+def test_a_training_whose_loss_turns_nan_stops_in_one_line_and_keeps_nothing_of_that_epoch(converted_sample, tmp_path):
+    """A learning rate far too high: the loss is NaN within the first epoch. The stage stops
+    before that epoch's validation (whose Dice 0 would be saved as the "best" model) and its
+    checkpoint, its MLflow run ends FAILED, and the one line says what happened."""
+    from conftest import QUICK
+
+    result = run_cli(
+        "-m", "monai.bundle", "run", "run", "--config_file", TRAIN, "--dataset_dir", str(converted_sample),
+        "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), *QUICK, "--max_epochs", "2",
+        "--learning_rate", "1e30", "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(tmp_path / "mlflow"),
+    )  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "loss not finite" in errors[0] and "epoch 1" in errors[0], result.stderr[-3000:]
+    assert not (tmp_path / "models" / "model.pt").exists()
+    assert not list((tmp_path / "models" / "last").glob("*.pt"))
+    _, run = mlflow_run(tmp_path / "mlflow", "train")
+    assert run.info.status == "FAILED"
+
+
 class RunsCode:
     """A pickle that runs a shell command when unpickled without weights_only."""
 

@@ -92,14 +92,20 @@ def _argument(argv: list[str], name: str) -> str | None:
 
 def _refuse_in_one_line(kind, value, traceback) -> None:
     """``sys.excepthook`` of the bundle's workflows: an error whose chain holds an
-    :class:`~tumorseg.io.reading.InputError` or :class:`~tumorseg.io.writing.OutputError` (MONAI wraps
-    it in "Failed to instantiate ...") is told as the one line ``tumorseg-predict`` prints;
-    anything else as Python tells it."""
+    :class:`~tumorseg.io.reading.InputError`, :class:`~tumorseg.io.writing.OutputError` or
+    :class:`~tumorseg.training.handlers.TrainingError` (MONAI wraps it in "Failed to instantiate
+    ...") is told as the one line ``tumorseg-predict`` prints; anything else as Python tells it.
+    Either way the MLflow runs the workflow left open end FAILED."""
     from tumorseg.io.reading import InputError
     from tumorseg.io.writing import OutputError
 
+    TrainingError = getattr(sys.modules.get("tumorseg.training.handlers"), "TrainingError", InputError)
+    tracker = sys.modules.get("tumorseg.tracking.tracker")
+    if tracker is not None:  # the workflow's MLflow runs end FAILED, not RUNNING
+        tracker.fail_open_runs()
+
     cause, seen = value, set()
-    while cause is not None and id(cause) not in seen and not isinstance(cause, (InputError, OutputError)):
+    while cause is not None and id(cause) not in seen and not isinstance(cause, (InputError, OutputError, TrainingError)):
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     if cause is None:

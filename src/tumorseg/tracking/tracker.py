@@ -29,6 +29,7 @@ __all__ = [
     "store_lock",
     "open_store",
     "training_run_id",
+    "fail_open_runs",
 ]
 
 
@@ -38,6 +39,22 @@ logger = logging.getLogger(__name__)
 MODEL_REQUIREMENTS = (
     "torch", "monai", "pytorch-ignite", "pyyaml", "pillow", "scikit-image", "scipy", "nibabel", "pydicom", "highdicom",
 )  # fmt: skip
+
+
+_OPEN: dict[int, MLFlowHandler] = {}  # the trackers of this process whose run started and was not closed
+
+
+def fail_open_runs() -> None:
+    """End FAILED every run this process started and did not close. The bundle's exception hook
+    (``tumorseg.bundle``) calls it: a workflow that dies in an exception never reaches the
+    tracker's close, and its run would stay RUNNING in the UI for good."""
+    while _OPEN:
+        _, tracker = _OPEN.popitem()
+        if tracker.cur_run is not None:
+            try:
+                tracker.client.set_terminated(tracker.cur_run.info.run_id, "FAILED")
+            except Exception:  # noqa: BLE001 - the error being reported matters more than its record
+                pass
 
 
 def run_name(workflow: str, record: str | None = None) -> str:
@@ -222,6 +239,7 @@ class MLflowTracker(MLFlowHandler):
         if not new_run:
             return
         assert self.cur_run is not None  # MONAI's start made it (or found it by name: resumed)
+        _OPEN[id(self)] = self
         run_id = self.cur_run.info.run_id
         if self.cur_run.info.status != "RUNNING":  # a resumed run that had failed or was killed
             self.client.update_run(run_id, status="RUNNING")
@@ -328,6 +346,10 @@ class MLflowTracker(MLFlowHandler):
             path, artifact_path = files.pop(0)
             if Path(path).is_file():
                 self.client.log_artifact(self.cur_run.info.run_id, path, artifact_path)
+
+    def close(self) -> None:
+        _OPEN.pop(id(self), None)
+        super().close()
 
     def complete(self) -> None:
         super().complete()

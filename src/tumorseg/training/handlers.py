@@ -29,6 +29,8 @@ from tumorseg.evaluation.visualize import panel
 from tumorseg.io.files import write_atomic
 
 __all__ = [
+    "TrainingError",
+    "StopOnNonFiniteLoss",
     "AtomicCheckpointSaver",
     "MetricsLog",
     "ValidationPanels",
@@ -94,6 +96,47 @@ class AtomicCheckpointSaver(CheckpointSaver):
         ):
             if checkpoint is not None:
                 checkpoint.save_handler = _AtomicSaver(save_dir, filename, keep_only_newest)
+
+
+class TrainingError(Exception):
+    """A training that cannot go on; the bundle tells it in one line (tumorseg.bundle)."""
+
+
+class StopOnNonFiniteLoss:
+    """Stops the training with :class:`TrainingError` at the end of an epoch in which the loss was
+    not a finite number (NaN or inf) at any iteration, before that epoch's validation and checkpoints.
+
+    Once the loss is NaN, so are the weights after the next step. ignite's ``TerminateOnNan``
+    ends the run as if it were complete: the best-model saver keeps the NaN weights of the first
+    validation (its Dice 0 is still a "best"), and a recipe publishes them and trains its next
+    stage on them. Here the stage fails instead: its MLflow run ends FAILED, the last good epoch's
+    checkpoint stays, and ``--resume true`` starts from it once the cause is mended. The check
+    stays on the device (no GPU sync per iteration). Attach it before the ValidationHandler.
+    """
+
+    def __init__(self) -> None:
+        self._bad: Any = 0
+        self._steps = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+
+    def _iteration(self, engine: Engine) -> None:
+        out: Any = engine.state.output
+        loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
+        self._bad = self._bad + (~torch.isfinite(torch.as_tensor(loss).detach())).sum()
+        self._steps += 1
+
+    def _epoch(self, engine: Engine) -> None:
+        bad, steps = int(self._bad), self._steps
+        self._bad, self._steps = 0, 0
+        if bad:
+            raise TrainingError(
+                f"training loss not finite (NaN or inf) in {bad} of {steps} iterations of epoch {engine.state.epoch}: "
+                "stopped before its validation and checkpoints (lower learning_rate, or look at the augmentation "
+                "and the data; --resume true carries on from the last good epoch)"
+            )
 
 
 class MetricsLog:
