@@ -26,7 +26,7 @@ imported on demand, so ``import tumorseg`` stays light):
 - ``tumorseg.bundle``: where the bundle is, its workflows' config layers, a parser of them.
 """
 
-__version__ = "0.9.1"  # the bundle's version (configs/metadata.json): one release of both
+__version__ = "0.9.2"  # the bundle's version (configs/metadata.json): one release of both
 
 _SUBMODULES = ("bundle", "evaluation", "export", "inference", "io", "postprocessing", "tracking", "training")
 
