@@ -99,6 +99,7 @@ def _refuse_in_one_line(kind, value, traceback) -> None:
     from tumorseg.io.reading import InputError
     from tumorseg.io.writing import OutputError
 
+    # looked up, not imported: only a training has loaded the handlers (and torch with them)
     TrainingError = getattr(sys.modules.get("tumorseg.training.handlers"), "TrainingError", InputError)
     tracker = sys.modules.get("tumorseg.tracking.tracker")
     if tracker is not None:  # the workflow's MLflow runs end FAILED, not RUNNING
