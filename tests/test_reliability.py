@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TRAIN, check, configs, mlflow_run, run_cli
+from conftest import QUICK, REPO, TRAIN, check, configs, mlflow_run, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -103,12 +103,11 @@ def test_a_training_whose_loss_turns_nan_stops_in_one_line_and_keeps_nothing_of_
     """A learning rate far too high: the loss is NaN within the first epoch. The stage stops
     before that epoch's validation (whose Dice 0 would be saved as the "best" model) and its
     checkpoint, its MLflow run ends FAILED, and the one line says what happened."""
-    from conftest import QUICK
-
     result = run_cli(
         "-m", "monai.bundle", "run", "run", "--config_file", TRAIN, "--dataset_dir", str(converted_sample),
         "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), *QUICK, "--max_epochs", "2",
-        "--learning_rate", "1e30", "--tracking", str(REPO / "configs" / "mlflow.json"), "--tracking_dir", str(tmp_path / "mlflow"),
+        "--learning_rate", "1e30", "--tracking", str(REPO / "configs" / "mlflow.json"),
+        "--tracking_dir", str(tmp_path / "mlflow"),
     )  # fmt: skip
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
