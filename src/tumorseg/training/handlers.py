@@ -98,6 +98,13 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 checkpoint.save_handler = _AtomicSaver(save_dir, filename, keep_only_newest)
 
 
+def _batch_loss(engine: Engine) -> torch.Tensor | float:
+    """The trainer's loss of its last batch, detached (a float where a tracker has made it one)."""
+    out: Any = engine.state.output  # ignite types it as an int; SupervisedTrainer gives a dict or a list of them
+    loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
+    return loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+
+
 class TrainingError(Exception):
     """A training that cannot go on; the bundle tells it in one line (tumorseg.bundle)."""
 
@@ -123,9 +130,7 @@ class StopOnNonFiniteLoss:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
 
     def _iteration(self, engine: Engine) -> None:
-        out: Any = engine.state.output
-        loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
-        self._bad = self._bad + (~torch.isfinite(torch.as_tensor(loss).detach())).sum()
+        self._bad = self._bad + (~torch.isfinite(torch.as_tensor(_batch_loss(engine)))).sum()
         self._steps += 1
 
     def _epoch(self, engine: Engine) -> None:
@@ -171,9 +176,7 @@ class MetricsLog:
         self._start = time.perf_counter()
 
     def _iteration(self, engine: Engine) -> None:
-        out: Any = engine.state.output  # ignite types it as an int; SupervisedTrainer gives a dict or a list of them
-        loss = out[0]["loss"] if isinstance(out, list) else out["loss"]
-        loss = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)  # a tracker may have made it a float
+        loss = _batch_loss(engine)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._steps += 1
 

@@ -82,6 +82,12 @@ class PasteTumours:
     def paste_into(self, host: torch.Tensor, host_label: torch.Tensor, donor: torch.Tensor, donor_label: torch.Tensor) -> None:
         """Paste ``donor``'s tumour box (``donor_label``: its binary label, not empty) into ``host``
         and its box into ``host_label``; all ``(H, W)``, the host's changed in place."""
+        # brain pixels of both slices: too few in either (a blank slice), nothing is pasted
+        donor_brain = donor[donor >= self.brain_level * torch.quantile(donor, 0.99)]
+        on_brain = host >= self.brain_level * torch.quantile(host, 0.99)
+        host_brain = host[on_brain]
+        if donor_brain.numel() < 16 or host_brain.numel() < 16:
+            return
         (y0, x0), (y1, x1) = generate_spatial_bounding_box(donor_label[None])
         my, mx = round(self.margin * (y1 - y0)), round(self.margin * (x1 - x0))
         cy0, cy1 = max(0, y0 - my), min(donor.shape[0], y1 + my)
@@ -97,12 +103,7 @@ class PasteTumours:
         distance = torch.maximum((y0 - rows).clamp_min(0) + (rows - (y1 - 1)).clamp_min(0),
                                  (x0 - cols).clamp_min(0) + (cols - (x1 - 1)).clamp_min(0))  # fmt: skip
         alpha = (1 - distance / feather).clamp(0, 1)
-        # brain statistics of both slices: the intensities of the donor's patch moved to the host's
-        donor_brain = donor[donor >= self.brain_level * torch.quantile(donor, 0.99)]
-        on_brain = host >= self.brain_level * torch.quantile(host, 0.99)
-        host_brain = host[on_brain]
-        if donor_brain.numel() < 16 or host_brain.numel() < 16:
-            return
+        # the intensities of the donor's patch moved to the host's brain statistics
         patch = (patch - donor_brain.mean()) / donor_brain.std().clamp_min(1e-3)
         patch = patch * host_brain.std() + host_brain.mean()
         # random flips and zoom of the patch

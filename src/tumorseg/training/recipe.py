@@ -199,7 +199,8 @@ class Recipe:
 
     def _mark_failed(self, folder: Path) -> None:
         """A stage that failed: its MLflow run, and the parent's, end FAILED rather than stay
-        RUNNING (a stage that dies in an exception never reaches the tracker's completion);
+        RUNNING (a stage that dies in an exception ends its own run FAILED through the bundle's
+        exception hook; one killed by a signal cannot, and the parent is the recipe's to end);
         ``--resume true`` reopens both."""
         where, named = self.ckpt_dir / "stages" / "recipe_run.json", folder / "last" / "mlflow_run_name"
         if not where.is_file():
